@@ -1,0 +1,1 @@
+"""Neural codecs that turn model tokens or latents into media (SNAC, VAEs, ...)."""

@@ -1,0 +1,372 @@
+"""The in-process Engine: one model, one scheduler loop, many caller threads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from mstar.errors import (
+    EmptyInputError,
+    InvalidParameterError,
+    InvalidRequestError,
+    MStarError,
+    UnknownParameterError,
+    UnsupportedModalityError,
+)
+from mstar.media import MediaArg, normalize_media
+from mstar.models.base import ModelRunner
+from mstar.registry import ModelInfo, get_model_info, load_runner_class
+from mstar.request import Request, RequestInputs
+from mstar.scheduler import Scheduler
+from mstar.types import AudioBuffer, Event, Finished, GenerateResult
+
+__all__ = ["Engine", "EventStream"]
+
+log = logging.getLogger("mstar.engine")
+
+_MEDIA_MODALITIES = ("image", "audio", "video")
+
+
+def derive_seed(request_id: str) -> int:
+    """The seed of a request that names none: stable for a given request id."""
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _modalities(value: Sequence[str] | str | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",")]
+    out = tuple(v.strip().lower() for v in value if v and v.strip())
+    if not out:
+        raise InvalidRequestError(f"{name} must name at least one modality", param=name)
+    return out
+
+
+class EventStream:
+    """Iterator over one request's events. Closing it early cancels the request."""
+
+    def __init__(self, engine: Engine, req: Request) -> None:
+        self._engine = engine
+        self._req = req
+        self._finished = False
+
+    @property
+    def request_id(self) -> str:
+        return self._req.request_id
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> Event:
+        if self._finished:
+            raise StopIteration
+        item = self._req.events.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if isinstance(item, Finished):
+            self._finished = True
+        return item
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """Like ``next()``, but gives up after ``timeout`` seconds and returns None."""
+        if self._finished:
+            raise StopIteration
+        try:
+            item = self._req.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if isinstance(item, Finished):
+            self._finished = True
+        return item
+
+    def close(self) -> None:
+        """Stop reading; cancels the request if it is still running."""
+        if not self._finished:
+            self._finished = True
+            self._engine.cancel(self._req.request_id)
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Engine:
+    """Runs one model family in this process.
+
+    >>> import mstar
+    >>> mstar.Engine("orpheus", weights="tiny").tts("Hello", voice="tara").to_wav("out.wav")
+
+    ``weights`` is a local checkpoint directory, a hub id, or ``"tiny"`` for
+    the small random-weight variant (default: the published checkpoint).
+    Several threads may call :meth:`generate` at once; requests share one
+    scheduler loop that batches them.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        weights: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_batch_size: int = 64,
+        max_queue: int = 1024,
+        request_timeout: float | None = 600.0,
+    ) -> None:
+        self.info: ModelInfo = get_model_info(model)
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _parse_dtype(dtype, self.device)
+        self.request_timeout = request_timeout
+        runner_cls = load_runner_class(model)
+        self.runner: ModelRunner = runner_cls(weights=weights if weights is not None else self.info.hub_id, device=self.device, dtype=self.dtype)
+        self.scheduler = Scheduler(self.runner, max_active=max_batch_size, max_waiting=max_queue)
+        self._closed = False
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def model(self) -> str:
+        return self.info.name
+
+    def accepted_kwargs(self) -> list[str]:
+        """The model_kwargs keys this model accepts."""
+        return sorted({*self.runner.params, "seed", "timeout"})
+
+    def generate(
+        self,
+        *,
+        text: str | None = None,
+        images: MediaArg | list[MediaArg] | None = None,
+        audio: MediaArg | list[MediaArg] | None = None,
+        video: MediaArg | list[MediaArg] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        output_modalities: Sequence[str] | str = ("text",),
+        input_modalities: Sequence[str] | str | None = None,
+        stream: bool = False,
+        request_id: str | None = None,
+        **model_kwargs: Any,
+    ) -> GenerateResult | EventStream:
+        """Run one request. Returns a :class:`GenerateResult`, or with ``stream=True``
+        an :class:`EventStream` of typed events ending with ``Finished``.
+
+        Bad input raises a subclass of :class:`mstar.errors.InvalidRequestError`
+        before anything runs.
+        """
+        req = self._build_request(
+            text=text,
+            images=images,
+            audio=audio,
+            video=video,
+            messages=messages,
+            output_modalities=output_modalities,
+            input_modalities=input_modalities,
+            request_id=request_id,
+            model_kwargs=model_kwargs,
+        )
+        self.scheduler.submit(req)
+        events = EventStream(self, req)
+        if stream:
+            return events
+        collected: list[Event] = []
+        try:
+            for ev in events:
+                collected.append(ev)
+        finally:
+            events.close()
+        return GenerateResult.from_events(req.request_id, collected)
+
+    def stream(self, **kwargs: Any) -> EventStream:
+        """Sugar for ``generate(stream=True, ...)``."""
+        kwargs["stream"] = True
+        out = self.generate(**kwargs)
+        assert isinstance(out, EventStream)
+        return out
+
+    def tts(self, text: str, *, voice: str | None = None, **kwargs: Any) -> AudioBuffer:
+        """Speak ``text``; returns the whole utterance."""
+        if voice is not None:
+            kwargs["voice"] = voice
+        res = self.generate(text=text, output_modalities=("audio",), **kwargs)
+        assert isinstance(res, GenerateResult)
+        if res.audio is None:
+            raise MStarError(f"the model produced no audio (finish_reason={res.finish_reason})")
+        return res.audio
+
+    def chat(
+        self,
+        prompt: str | list[dict[str, Any]],
+        *,
+        images: MediaArg | list[MediaArg] | None = None,
+        audio: MediaArg | list[MediaArg] | None = None,
+        video: MediaArg | list[MediaArg] | None = None,
+        output_modalities: Sequence[str] | str = ("text",),
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> GenerateResult | EventStream:
+        """Chat with a prompt string or a list of ``{"role", "content"}`` messages."""
+        if isinstance(prompt, str):
+            kwargs["text"] = prompt
+        else:
+            kwargs["messages"] = prompt
+        return self.generate(images=images, audio=audio, video=video, output_modalities=output_modalities, stream=stream, **kwargs)
+
+    def generate_image(self, prompt: str, **kwargs: Any) -> bytes:
+        """Text to image; returns PNG bytes."""
+        res = self.generate(text=prompt, output_modalities=("image",), **kwargs)
+        assert isinstance(res, GenerateResult)
+        if not res.images:
+            raise MStarError(f"the model produced no image (finish_reason={res.finish_reason})")
+        return res.images[0]
+
+    def edit_image(self, image: MediaArg, prompt: str, **kwargs: Any) -> bytes:
+        """Edit ``image`` following ``prompt``; returns PNG bytes."""
+        res = self.generate(text=prompt, images=image, output_modalities=("image",), **kwargs)
+        assert isinstance(res, GenerateResult)
+        if not res.images:
+            raise MStarError(f"the model produced no image (finish_reason={res.finish_reason})")
+        return res.images[0]
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel an in-flight request. Returns True if it was running or queued."""
+        if not request_id:
+            raise InvalidRequestError("cancel needs a request_id", param="request_id")
+        return self.scheduler.cancel(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Scheduler and runner accounting: in-flight counts, KV slots held, cancel latencies."""
+        return self.scheduler.stats()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.scheduler.close()
+            self.runner.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _build_request(
+        self,
+        *,
+        text: str | None,
+        images: Any,
+        audio: Any,
+        video: Any,
+        messages: list[dict[str, Any]] | None,
+        output_modalities: Sequence[str] | str,
+        input_modalities: Sequence[str] | str | None,
+        request_id: str | None,
+        model_kwargs: dict[str, Any],
+    ) -> Request:
+        if text is not None and not isinstance(text, str):
+            raise InvalidRequestError(f"text must be a string, got {type(text).__name__}", param="text")
+        if messages is not None and not isinstance(messages, list):
+            raise InvalidRequestError("messages must be a list of {role, content} objects", param="messages")
+        inputs = RequestInputs(
+            text=text,
+            messages=messages,
+            images=normalize_media(images, "image"),
+            audio=normalize_media(audio, "audio"),
+            video=normalize_media(video, "video"),
+        )
+        outs = _modalities(output_modalities, "output_modalities") or ("text",)
+        cannot = [m for m in outs if m not in self.info.output_modalities]
+        if cannot:
+            raise UnsupportedModalityError(
+                f"model {self.info.name!r} cannot produce {', '.join(cannot)}; it produces: "
+                f"{', '.join(self.info.output_modalities)}",
+                param="output_modalities",
+            )
+        present = inputs.modalities()
+        if not present or (present == ("text",) and not (text or "").strip() and not messages):
+            raise EmptyInputError("the request has no input: give text, messages or media", param="text")
+        declared = _modalities(input_modalities, "input_modalities")
+        if declared is not None:
+            missing = [m for m in declared if m not in present]
+            if missing:
+                raise InvalidRequestError(
+                    f"input_modalities names {', '.join(missing)} but no such input was given", param="input_modalities"
+                )
+        unsupported = [m for m in present if m not in self.info.input_modalities]
+        if unsupported:
+            raise UnsupportedModalityError(
+                f"model {self.info.name!r} does not accept {', '.join(unsupported)} input; it accepts: "
+                f"{', '.join(self.info.input_modalities)}",
+                param="input_modalities",
+            )
+        kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+        unknown = set(kwargs) - set(self.accepted_kwargs())
+        if unknown:
+            raise UnknownParameterError(unknown, self.accepted_kwargs())
+        seed_arg = kwargs.pop("seed", None)
+        timeout_arg = kwargs.pop("timeout", None)
+        rid = request_id or uuid.uuid4().hex
+        if not isinstance(rid, str) or len(rid) > 256:
+            raise InvalidRequestError("request_id must be a string of at most 256 characters", param="request_id")
+        seed = _parse_seed(seed_arg) if seed_arg is not None else derive_seed(rid)
+        timeout = _parse_timeout(timeout_arg, self.request_timeout)
+        params = self.runner.validate(inputs, outs, kwargs)
+        return Request(
+            rid,
+            inputs,
+            input_modalities=present,
+            output_modalities=outs,
+            params=params,
+            seed=seed,
+            timeout=timeout,
+            device=self.device,
+        )
+
+
+def _parse_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidParameterError(f"seed must be an integer, got {value!r}", param="seed")
+    try:
+        seed = int(value)
+    except ValueError:
+        raise InvalidParameterError(f"seed must be an integer, got {value!r}", param="seed") from None
+    if not 0 <= seed < 2**63:
+        raise InvalidParameterError(f"seed must be between 0 and 2**63-1, got {seed}", param="seed")
+    return seed
+
+
+def _parse_timeout(value: Any, default: float | None) -> float | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 86400:
+        raise InvalidParameterError(f"timeout must be a number of seconds in (0, 86400], got {value!r}", param="timeout")
+    return float(value)
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    try:
+        return names[str(dtype).lower()]
+    except KeyError:
+        raise InvalidParameterError(f"dtype must be one of {', '.join(names)}; got {dtype!r}", param="dtype") from None

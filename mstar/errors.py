@@ -1,0 +1,263 @@
+"""Exceptions raised by mstar: the Engine, the server and the client share them.
+
+The hierarchy, so you know what to catch::
+
+    MStarError
+    ├── RequestError                  the request itself is wrong (HTTP 4xx)
+    │   ├── InvalidRequestError       400: bad input of any kind
+    │   │   ├── UnknownModelError
+    │   │   ├── UnknownVoiceError
+    │   │   ├── UnknownParameterError (an unknown model_kwargs key)
+    │   │   ├── InvalidParameterError (a known key with a bad value)
+    │   │   ├── UnsupportedModalityError
+    │   │   ├── EmptyInputError
+    │   │   ├── MediaError            (corrupt, unsupported or oversized media)
+    │   │   └── ShapeError            (tensor inputs of the wrong shape)
+    │   ├── AuthenticationError       401
+    │   ├── NotFoundError             404
+    │   ├── ConflictError             409: a request_id already in flight
+    │   └── PayloadTooLargeError      413
+    ├── ServiceError                  the service cannot take it now (HTTP 429/503/504)
+    │   ├── RateLimitError            429: queue full; carries ``retry_after``
+    │   ├── NotReadyError             503: the model is still loading
+    │   └── RequestTimeoutError       504: the request ran past its deadline
+    ├── ModelError                    500: the model failed while running this request
+    ├── WeightsError                  weights missing, unreadable or of the wrong shape
+    └── TransportError                client side: the server could not be reached or talked to
+        ├── ConnectError
+        ├── ReadTimeoutError
+        └── ProtocolError             the server answered something that is not the protocol
+
+Every exception has ``status_code`` (the HTTP status it maps to) and ``code``
+(a short stable string, used as the OpenAI error ``code``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = [
+    "AuthenticationError",
+    "ConflictError",
+    "ConnectError",
+    "EmptyInputError",
+    "InvalidParameterError",
+    "InvalidRequestError",
+    "MStarError",
+    "MediaError",
+    "ModelError",
+    "NotFoundError",
+    "NotReadyError",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "RateLimitError",
+    "ReadTimeoutError",
+    "RequestError",
+    "RequestTimeoutError",
+    "ServiceError",
+    "ShapeError",
+    "TransportError",
+    "UnknownModelError",
+    "UnknownParameterError",
+    "UnknownVoiceError",
+    "UnsupportedModalityError",
+    "WeightsError",
+    "error_for_status",
+]
+
+
+def _listing(items: Iterable[str]) -> str:
+    return ", ".join(sorted(items))
+
+
+class MStarError(Exception):
+    """Base of every mstar exception."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---------------------------------------------------------------- 4xx
+
+
+class RequestError(MStarError):
+    """The request is wrong; retrying it unchanged will fail again."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class InvalidRequestError(RequestError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class UnknownModelError(InvalidRequestError):
+    code = "unknown_model"
+
+    def __init__(self, name: str, available: Iterable[str]) -> None:
+        super().__init__(f"unknown model {name!r}; available models: {_listing(available)}", param="model")
+        self.name = name
+
+
+class UnknownVoiceError(InvalidRequestError):
+    code = "unknown_voice"
+
+    def __init__(self, voice: str, available: Iterable[str]) -> None:
+        self.available = list(available)
+        super().__init__(f"unknown voice {voice!r}; valid voices: {', '.join(self.available)}", param="voice")
+
+
+class UnknownParameterError(InvalidRequestError):
+    code = "unknown_parameter"
+
+    def __init__(self, names: Iterable[str], accepted: Iterable[str]) -> None:
+        names = sorted(names)
+        self.names = names
+        self.accepted = sorted(accepted)
+        super().__init__(
+            f"unknown parameter(s) {', '.join(repr(n) for n in names)}; accepted: {', '.join(self.accepted)}",
+            param=names[0] if names else None,
+        )
+
+
+class InvalidParameterError(InvalidRequestError):
+    code = "invalid_parameter"
+
+
+class UnsupportedModalityError(InvalidRequestError):
+    code = "unsupported_modality"
+
+
+class EmptyInputError(InvalidRequestError):
+    code = "empty_input"
+
+
+class MediaError(InvalidRequestError):
+    code = "invalid_media"
+
+
+class ShapeError(InvalidRequestError):
+    code = "invalid_shape"
+
+
+class AuthenticationError(RequestError):
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class NotFoundError(RequestError):
+    status_code = 404
+    code = "not_found"
+
+
+class ConflictError(RequestError):
+    status_code = 409
+    code = "duplicate_request_id"
+
+
+class PayloadTooLargeError(RequestError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+# ---------------------------------------------------------------- service
+
+
+class ServiceError(MStarError):
+    """The service cannot take the request now; retrying later may work."""
+
+    status_code = 503
+    code = "service_unavailable"
+
+
+class RateLimitError(ServiceError):
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReadyError(ServiceError):
+    status_code = 503
+    code = "not_ready"
+
+
+class RequestTimeoutError(ServiceError):
+    status_code = 504
+    code = "timeout"
+
+
+# ---------------------------------------------------------------- runtime
+
+
+class ModelError(MStarError):
+    """The model failed while running this request (other requests are unaffected)."""
+
+    status_code = 500
+    code = "model_error"
+
+
+class WeightsError(MStarError):
+    status_code = 500
+    code = "weights_error"
+
+
+# ---------------------------------------------------------------- client transport
+
+
+class TransportError(MStarError):
+    status_code = 0
+    code = "transport_error"
+
+
+class ConnectError(TransportError):
+    code = "connect_error"
+
+
+class ReadTimeoutError(TransportError):
+    code = "read_timeout"
+
+
+class ProtocolError(TransportError):
+    code = "protocol_error"
+
+
+_BY_STATUS: dict[int, type[MStarError]] = {
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: InvalidRequestError,
+    429: RateLimitError,
+    503: NotReadyError,
+    504: RequestTimeoutError,
+}
+
+
+def error_for_status(status: int, message: str, *, code: str | None = None, retry_after: float | None = None) -> MStarError:
+    """Build the exception that matches an HTTP status (used by the client)."""
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        cls = RequestError if 400 <= status < 500 else ModelError if status == 500 else ServiceError
+    if cls is RateLimitError:
+        exc: MStarError = RateLimitError(message, retry_after=retry_after)
+    else:
+        exc = MStarError.__new__(cls)
+        MStarError.__init__(exc, message)
+    exc.status_code = status
+    if code:
+        exc.code = code
+    return exc

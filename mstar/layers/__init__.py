@@ -1,0 +1,1 @@
+"""Shared building blocks: attention with a KV cache, rotary embeddings, sampling, decoders."""

@@ -1,0 +1,1 @@
+"""Model families: one sub-package each, plus the runner contract and kwarg validation."""

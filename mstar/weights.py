@@ -1,0 +1,80 @@
+"""Where weights come from: a local directory, a hub id, or the tiny random variant.
+
+Tiny variants are built from a fixed seed on first use and cached as
+safetensors under ``$MSTAR_CACHE`` (default ``~/.cache/mstar``), so every
+later Engine loads the very same tensors, offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mstar.errors import WeightsError
+
+__all__ = ["TINY", "cache_root", "resolve_checkpoint_dir", "tiny_state_dict"]
+
+TINY = "tiny"
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("MSTAR_CACHE") or Path.home() / ".cache" / "mstar")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _config_digest(config: Any) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tiny_state_dict(
+    name: str, config: Any, build: Callable[[], dict[str, torch.Tensor]], *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Load the cached tiny checkpoint for ``name``/``config``, building it on first use.
+
+    ``build`` creates the state dict; it runs under ``torch.manual_seed(seed)``
+    on the CPU so the tensors are the same on every machine.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = cache_root() / "tiny" / f"{name}-{_config_digest(config)}.safetensors"
+    if path.exists():
+        try:
+            return load_file(str(path))
+        except Exception:
+            path.unlink(missing_ok=True)  # a torn write from an interrupted run: rebuild
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in build().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return state
+
+
+def resolve_checkpoint_dir(weights: str | os.PathLike[str], *, allow_patterns: list[str] | None = None) -> Path:
+    """A local directory as is; otherwise a hub id, fetched (or found in the local hub cache)."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightsError(f"weights path {str(path)!r} is a file; pass the checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        return Path(snapshot_download(str(weights), allow_patterns=allow_patterns, local_files_only=offline))
+    except Exception as exc:
+        raise WeightsError(
+            f"could not find weights {str(weights)!r}: not a local directory, and the hub download failed "
+            f"({type(exc).__name__}: {exc}). Pass a local checkpoint directory, or weights='tiny' for the "
+            "small random variant."
+        ) from exc
