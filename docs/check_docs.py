@@ -1,0 +1,39 @@
+"""Docs check (``nox -s docs``): every public module imports and has a docstring; doc links resolve."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    import mstar
+
+    problems = []
+    for mod in pkgutil.walk_packages(mstar.__path__, "mstar."):
+        if mod.name.rsplit(".", 1)[-1].startswith("_") or ".server" in mod.name and "litestar" not in sys.modules:
+            pass
+        try:
+            module = importlib.import_module(mod.name)
+        except ImportError as exc:
+            problems.append(f"{mod.name}: import failed: {exc}")
+            continue
+        if not (module.__doc__ or "").strip():
+            problems.append(f"{mod.name}: no module docstring")
+    for doc in (ROOT / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#:]+)\)", doc.read_text()):
+            if not (doc.parent / target).exists():
+                problems.append(f"{doc.name}: broken link {target}")
+    for p in problems:
+        print(p)
+    print(f"docs check: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

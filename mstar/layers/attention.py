@@ -1,0 +1,123 @@
+"""Batched attention over a slot-based KV cache, for prefill chunks and decode steps alike.
+
+One forward pass may mix requests at different lengths: row ``b`` adds
+``new_lens[b]`` tokens to slot ``slots[b]``, which already holds
+``starts[b]`` tokens. :class:`AttnBatch` computes the indices and the mask
+once per forward; :func:`cached_attention` uses them in every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mstar.layers.kv_cache import KVCache
+
+__all__ = ["AttnBatch", "cached_attention"]
+
+
+@dataclass(slots=True)
+class AttnBatch:
+    """Where a batch's new tokens go in the cache, and what each may attend to."""
+
+    slots: torch.Tensor  # [B] long
+    starts: list[int]
+    new_lens: list[int]
+    positions: torch.Tensor  # [B, T] long: absolute positions (padding rows repeat the last one)
+    valid: torch.Tensor  # [B, T] bool: False on padding
+    mask: torch.Tensor | None  # [B, 1, T, K] bool (True = attend), None when no masking is needed
+    kv_len: int
+    write_rows: torch.Tensor  # [N] batch row of each valid new token
+    write_cols: torch.Tensor  # [N] query column of each valid new token
+    write_slots: torch.Tensor  # [N] cache slot of each valid new token
+    write_pos: torch.Tensor  # [N] cache position of each valid new token
+
+    @classmethod
+    def build(
+        cls,
+        cache: KVCache,
+        slots: Sequence[int],
+        new_lens: Sequence[int],
+        *,
+        device: torch.device | str,
+        causal: bool = True,
+        starts: Sequence[int] | None = None,
+    ) -> AttnBatch:
+        """Describe a forward where row b appends ``new_lens[b]`` tokens to ``slots[b]``.
+
+        ``starts`` defaults to the slots' current lengths. With ``causal=False``
+        the new tokens of a row see each other fully (bidirectional blocks,
+        such as image latents being denoised).
+        """
+        starts = list(cache.lengths[s] for s in slots) if starts is None else list(starts)
+        new_lens = list(new_lens)
+        bsz, t = len(slots), max(new_lens)
+        kv_len = max(s + n for s, n in zip(starts, new_lens, strict=True))
+        if kv_len > cache.max_len:
+            raise ValueError(f"KV cache overflow: {kv_len} positions needed, slots hold {cache.max_len}")
+        start_t = torch.tensor(starts, device=device)[:, None]
+        cols = torch.arange(t, device=device)[None, :]
+        lens_t = torch.tensor(new_lens, device=device)[:, None]
+        valid = cols < lens_t
+        positions = start_t + torch.minimum(cols, lens_t - 1)
+        rows, qcols = valid.nonzero(as_tuple=True)
+        slots_t = torch.tensor(list(slots), device=device, dtype=torch.long)
+        keys = torch.arange(kv_len, device=device)[None, None, :]
+        if causal:
+            allowed = keys <= positions[:, :, None]
+        else:
+            allowed = keys < (start_t + lens_t)[:, :, None]
+        # Every query row must see something, or softmax yields NaN on padding rows.
+        need_mask = not (t == 1 and all(s + n == kv_len for s, n in zip(starts, new_lens, strict=True)))
+        return cls(
+            slots=slots_t,
+            starts=starts,
+            new_lens=new_lens,
+            positions=positions,
+            valid=valid,
+            mask=allowed[:, None, :, :] if need_mask else None,
+            kv_len=kv_len,
+            write_rows=rows,
+            write_cols=qcols,
+            write_slots=slots_t[rows],
+            write_pos=positions[rows, qcols],
+        )
+
+    def commit(self, cache: KVCache) -> None:
+        """Record the new tokens as part of their slots (skip to keep them transient)."""
+        for slot, start, n in zip(self.slots.tolist(), self.starts, self.new_lens, strict=True):
+            cache.lengths[slot] = max(cache.lengths[slot], start + n)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    batch: AttnBatch,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Store ``k_new``/``v_new`` [B, Hkv, T, D] in the cache and attend ``q`` [B, Hq, T, D] to the slot.
+
+    ``mask`` overrides the batch's mask (shape [B, 1, T, kv_len], True = attend)
+    for models with their own attention pattern (prefix-LM, block-causal).
+    Returns [B, Hq, T, D].
+    """
+    kc, vc = cache.k[layer], cache.v[layer]
+    r, c = batch.write_rows, batch.write_cols
+    kc[batch.write_slots, :, batch.write_pos] = k_new[r, :, c].to(kc.dtype)
+    vc[batch.write_slots, :, batch.write_pos] = v_new[r, :, c].to(vc.dtype)
+    keys = kc[batch.slots, :, : batch.kv_len]
+    values = vc[batch.slots, :, : batch.kv_len]
+    attn_mask = mask if mask is not None else batch.mask
+    groups = q.shape[1] // keys.shape[1]
+    if groups > 1:
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask, scale=scale)
