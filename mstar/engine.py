@@ -6,7 +6,7 @@ import hashlib
 import logging
 import queue
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch

@@ -13,7 +13,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from mstar.errors import MediaError
 
@@ -41,7 +41,7 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_VIDEO_FRAMES = 4096
 
-MediaArg = Union[str, os.PathLike, bytes, tuple[str, bytes]]
+MediaArg = str | os.PathLike[str] | bytes | tuple[str, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,9 @@ def decode_image(item: MediaItem, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.n
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"image {item.name!r} is too large: at most {max_pixels} pixels are accepted", param="image") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"image {item.name!r} could not be decoded: {exc}", param="image") from exc
 
 
@@ -142,8 +144,9 @@ def decode_audio(item: MediaItem, *, sample_rate: int | None = None) -> tuple[np
         try:
             import av
 
-            with av.open(io.BytesIO(item.data)) as container:
-                stream = next((s for s in container.streams if s.type == "audio"), None)
+            container: Any = av.open(io.BytesIO(item.data), mode="r")
+            with container:
+                stream: Any = next(iter(container.streams.audio), None)
                 if stream is None:
                     raise MediaError(f"audio {item.name!r} has no audio stream", param="audio")
                 resampler = av.AudioResampler(format="flt", layout="mono", rate=stream.rate or 16000)
@@ -174,12 +177,14 @@ def decode_video(item: MediaItem, *, max_frames: int = MAX_VIDEO_FRAMES) -> tupl
     except ImportError as exc:  # pragma: no cover - av is a core dependency
         raise MediaError("video decoding needs PyAV (pip install av)") from exc
     try:
-        with av.open(io.BytesIO(item.data)) as container:
-            stream = next((s for s in container.streams if s.type == "video"), None)
+        container: Any = av.open(io.BytesIO(item.data), mode="r")
+        with container:
+            stream: Any = next(iter(container.streams.video), None)
             if stream is None:
                 raise MediaError(f"video {item.name!r} has no video stream", param="video")
             fps = float(stream.average_rate or 25)
             frames = []
+            frame: Any
             for frame in container.decode(stream):
                 if frame.width * frame.height > MAX_IMAGE_PIXELS:
                     raise MediaError(f"video {item.name!r} frames are {frame.width}x{frame.height}: too large", param="video")

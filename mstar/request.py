@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mstar.errors import MStarError, ModelError
+from mstar.errors import ModelError, MStarError
 from mstar.media import MediaItem
 from mstar.types import Event, Finished, FinishReason, Usage
 

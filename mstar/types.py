@@ -15,7 +15,7 @@ import json
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -230,8 +230,8 @@ class ErrorChunk:
         }
 
 
-Event = Union[TextChunk, ImageChunk, AudioChunk, TensorChunk, Progress, Finished]
-WireEvent = Union[Event, ErrorChunk]
+Event = TextChunk | ImageChunk | AudioChunk | TensorChunk | Progress | Finished
+WireEvent = Event | ErrorChunk
 
 
 def event_to_ndjson(event: WireEvent) -> bytes:

@@ -29,12 +29,12 @@ def test_mixed_prefill_and_decode_rows_match_full_causal_attention() -> None:
         return F.pad(x[:, :, :n], (0, 0, 0, t - n))
 
     batch = AttnBatch.build(cache, slots, pre, device="cpu")
-    q = torch.cat([pad(s[0], n) for s, n in zip(seqs, pre)])
-    k = torch.cat([pad(s[1], n) for s, n in zip(seqs, pre)])
-    v = torch.cat([pad(s[2], n) for s, n in zip(seqs, pre)])
+    q = torch.cat([pad(s[0], n) for s, n in zip(seqs, pre, strict=False)])
+    k = torch.cat([pad(s[1], n) for s, n in zip(seqs, pre, strict=False)])
+    v = torch.cat([pad(s[2], n) for s, n in zip(seqs, pre, strict=False)])
     out = cached_attention(q, k, v, cache, 0, batch)
     batch.commit(cache)
-    for i, (s, n) in enumerate(zip(seqs, pre)):
+    for i, (s, n) in enumerate(zip(seqs, pre, strict=False)):
         ref = _reference(s[0][:, :, :n], s[1][:, :, :n], s[2][:, :, :n])
         torch.testing.assert_close(out[i : i + 1, :, :n], ref)
     # ... then decode the last token of each together.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import wave
-import io
 
 import numpy as np
 import pytest

@@ -54,7 +54,7 @@ class AttnBatch:
         """
         starts = list(cache.lengths[s] for s in slots) if starts is None else list(starts)
         new_lens = list(new_lens)
-        bsz, t = len(slots), max(new_lens)
+        t = max(new_lens)
         kv_len = max(s + n for s, n in zip(starts, new_lens, strict=True))
         if kv_len > cache.max_len:
             raise ValueError(f"KV cache overflow: {kv_len} positions needed, slots hold {cache.max_len}")
