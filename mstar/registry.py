@@ -51,6 +51,46 @@ _MODELS: dict[str, ModelInfo] = {
             output_modalities=("audio",),
             runner="mstar.models.orpheus.runner:OrpheusRunner",
         ),
+        ModelInfo(
+            name="pi05",
+            description="Pi0.5 vision-language-action policy: PaliGemma + Gemma-300M flow-matching action expert",
+            hub_id="lerobot/pi05_base",
+            input_modalities=("text", "image"),
+            output_modalities=("action",),
+            runner="mstar.models.pi05.runner:Pi05Runner",
+        ),
+        ModelInfo(
+            name="bagel",
+            description="BAGEL-7B-MoT: Qwen2 mixture-of-transformers for chat, text-to-image and image editing",
+            hub_id="ByteDance-Seed/BAGEL-7B-MoT",
+            input_modalities=("text", "image"),
+            output_modalities=("text", "image"),
+            runner="mstar.models.bagel.runner:BagelRunner",
+        ),
+        ModelInfo(
+            name="vjepa2",
+            description="V-JEPA 2 ViT-L video encoder: a clip in, patch latents [tokens, 1024] out",
+            hub_id="facebook/vjepa2-vitl-fpc64-256",
+            input_modalities=("video",),
+            output_modalities=("latent",),
+            runner="mstar.models.vjepa2.runner:VJEPA2Runner",
+        ),
+        ModelInfo(
+            name="vjepa2_ac",
+            description="V-JEPA 2-AC world model: ViT-g encoder + action-conditioned predictor (rollout, action scoring)",
+            hub_id="facebook/vjepa2-vitg-fpc64-256",
+            input_modalities=("video", "image"),
+            output_modalities=("latent",),
+            runner="mstar.models.vjepa2.ac_runner:VJEPA2ACRunner",
+        ),
+        ModelInfo(
+            name="qwen3_omni",
+            description="Qwen3-Omni 30B-A3B: MoE Thinker (text, image, audio, video in) with a MoE Talker and Code2Wav for 24 kHz speech",
+            hub_id="Qwen/Qwen3-Omni-30B-A3B-Instruct",
+            input_modalities=("text", "image", "audio", "video"),
+            output_modalities=("text", "audio"),
+            runner="mstar.models.qwen3_omni.runner:Qwen3OmniRunner",
+        ),
     )
 }
 

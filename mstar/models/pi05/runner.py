@@ -1,0 +1,267 @@
+"""Serving Pi0.5: camera images + task text + robot state in, a chunk of robot actions out.
+
+Each request walks two phases, and each scheduler step runs each phase once
+for every request in it:
+
+``prefill``  SigLIP over all new requests' images as one batch, then the VLM
+             over their prefixes as one padded batch, into their KV slots.
+``denoise``  one Euler step of the action expert for every request that is
+             denoising, as one batch whatever step each is at (the flow time
+             is per row); a request finishes after its ``num_steps`` steps.
+
+Requests are batch-invariant: each draws its noise from its own seeded
+generator, and padding never leaks across rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from mstar.errors import EmptyInputError, InvalidParameterError, InvalidRequestError, ShapeError
+from mstar.layers.kv_cache import KVCache
+from mstar.media import decode_image
+from mstar.models.base import ModelRunner
+from mstar.models.params import Param, validate_params
+from mstar.models.pi05.config import FULL, TINY, Pi05Config, config_from_lerobot
+from mstar.models.pi05.flow import euler_time, euler_update
+from mstar.models.pi05.images import preprocess_image
+from mstar.models.pi05.model import Pi05Model
+from mstar.models.pi05.prompt import (
+    BOS_ID,
+    ByteTokenizer,
+    Tokenizer,
+    build_prompt,
+    finite_floats,
+    load_paligemma_tokenizer,
+)
+from mstar.models.pi05.weights import load_checkpoint, tiny_model
+from mstar.request import Request, RequestInputs
+from mstar.types import Progress, TensorChunk
+from mstar.weights import TINY as TINY_WEIGHTS
+from mstar.weights import resolve_checkpoint_dir
+
+__all__ = ["Pi05Runner"]
+
+MAX_NUM_STEPS = 1000
+
+
+@dataclass(slots=True)
+class _State:
+    slot: int | None
+    tokens: list[int]
+    pixels: torch.Tensor | None  # [cameras, 3, S, S], dropped after prefill
+    horizon: int
+    num_steps: int
+    x: torch.Tensor  # [chunk, action_dim] float32: noise at t=1, actions at t=0
+    phase: Literal["prefill", "denoise"] = "prefill"
+    step: int = 0
+
+
+class Pi05Runner(ModelRunner):
+    """The runner of the ``pi05`` family (see the module docstring)."""
+
+    name = "pi05"
+    params: ClassVar[Mapping[str, Param]] = {
+        "robot_state": Param(list, doc="the robot state normalised to [-1, 1]: a list of 1 to 32 floats (required)"),
+        "num_steps": Param(int, default=None, min=1, max=MAX_NUM_STEPS, doc="Euler steps from noise to actions (10)"),
+        "action_horizon": Param(int, default=None, doc="actions returned, 1 to the checkpoint's chunk size (50)"),
+    }
+
+    def __init__(
+        self, *, weights: str | None, device: torch.device, dtype: torch.dtype, num_slots: int | None = None
+    ) -> None:
+        super().__init__(weights=weights, device=device, dtype=dtype)
+        self.model, self.cfg, self.tokenizer = _load(weights, device, dtype)
+        cfg = self.cfg
+        self.cache = KVCache(
+            num_layers=cfg.vlm.depth,
+            num_slots=num_slots or (8 if weights == TINY_WEIGHTS else 16),
+            max_len=cfg.max_prefix_len + cfg.chunk_size,
+            num_kv_heads=cfg.vlm.num_kv_heads,
+            head_dim=cfg.vlm.head_dim,
+            device=device,
+            dtype=self.model.dtype,
+        )
+        #: Counters: how many batched calls each phase made, and how many rows they carried.
+        self.counters = {
+            "prefill_batches": 0,
+            "prefill_rows": 0,
+            "denoise_batches": 0,
+            "denoise_rows": 0,
+            "max_denoise_batch": 0,
+        }
+
+    # ------------------------------------------------------------------ caller thread
+    def validate(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        params = validate_params(self.params, kwargs)
+        cfg = self.cfg
+        if inputs.messages:
+            raise InvalidRequestError("pi05 takes the task instruction as text=..., not messages", param="messages")
+        task = inputs.text or ""
+        if not task.strip():
+            raise EmptyInputError("pi05 needs the task instruction as text", param="text")
+        if inputs.audio or inputs.video:
+            raise InvalidRequestError(
+                "pi05 takes camera images, task text and robot_state only", param="input_modalities"
+            )
+
+        size = cfg.vision.image_size
+        n = len(inputs.images)
+        if not 1 <= n <= cfg.max_cameras:
+            raise ShapeError(
+                f"pi05 takes 1 to {cfg.max_cameras} camera images (RGB [H, W, 3], resized with padding to "
+                f"{size}x{size}); got {n}",
+                param="images",
+            )
+        pixels = torch.stack(
+            [
+                preprocess_image(decode_image(item), size, name=f"image {i} ({item.name})")
+                for i, item in enumerate(inputs.images)
+            ]
+        )
+
+        expected_state = f"a list of floats of shape (d,) with 1 <= d <= {cfg.max_state_dim}, normalised to [-1, 1]"
+        if params["robot_state"] is None:
+            raise ShapeError(f"pi05 needs robot_state: {expected_state}", param="robot_state")
+        state = finite_floats(params["robot_state"])
+        if state is None:
+            raise InvalidParameterError(
+                f"robot_state must be {expected_state}; got {params['robot_state']!r}", param="robot_state"
+            )
+        if not 1 <= len(state) <= cfg.max_state_dim:
+            raise ShapeError(f"robot_state has shape ({len(state)},); expected {expected_state}", param="robot_state")
+
+        horizon = params["action_horizon"]
+        horizon = cfg.chunk_size if horizon is None else horizon
+        if not 1 <= horizon <= cfg.chunk_size:
+            raise InvalidParameterError(
+                f"action_horizon must be between 1 and {cfg.chunk_size} (the checkpoint's chunk size; the output has "
+                f"shape (action_horizon, {cfg.action_dim})); got {horizon}",
+                param="action_horizon",
+            )
+        tokens = [BOS_ID, *self.tokenizer.encode(build_prompt(task, state, cfg.state_bins))]
+        if len(tokens) > cfg.max_text_tokens:
+            raise InvalidParameterError(
+                f"the prompt (task text and robot state) is {len(tokens)} tokens; pi05 accepts at most {cfg.max_text_tokens}",
+                param="text",
+            )
+        params.update(
+            robot_state=state,
+            action_horizon=horizon,
+            num_steps=params["num_steps"] or cfg.num_steps,
+            _pixels=pixels,
+            _tokens=tokens,
+        )
+        return params
+
+    # ------------------------------------------------------------------ scheduler thread
+    def admit(self, req: Request) -> bool:
+        slot = self.cache.allocate()
+        if slot is None:
+            return False
+        gen = req.generator
+        noise = torch.randn(
+            (self.cfg.chunk_size, self.cfg.action_dim), generator=gen, device=gen.device, dtype=torch.float32
+        )
+        req.state = _State(
+            slot=slot,
+            tokens=req.params["_tokens"],
+            pixels=req.params["_pixels"],
+            horizon=req.params["action_horizon"],
+            num_steps=req.params["num_steps"],
+            x=noise.to(self.device),
+        )
+        return True
+
+    def step(self, reqs: list[Request]) -> None:
+        new = [r for r in reqs if r.state.phase == "prefill"]
+        if new:
+            self._prefill(new)
+        # Freshly prefilled requests take their first Euler step in the same batch as the others.
+        ready = [r for r in reqs if not r.done and r.state.phase == "denoise"]
+        if ready:
+            self._denoise(ready)
+
+    def release(self, req: Request) -> None:
+        state = req.state
+        if isinstance(state, _State) and state.slot is not None:
+            self.cache.free(state.slot)
+            state.slot = None
+            state.pixels = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "kv_slots_used": self.cache.slots_used,
+            "kv_slots_total": self.cache.num_slots,
+            "kv_cache_bytes": self.cache.nbytes,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self.cache.k = self.cache.v = torch.empty(0)
+
+    # ------------------------------------------------------------------ phases
+    def _prefill(self, reqs: list[Request]) -> None:
+        states: list[_State] = [r.state for r in reqs]
+        pixels = torch.cat([s.pixels for s in states if s.pixels is not None]).to(self.device)
+        image_tokens = self.model.embed_images(pixels)
+        prefixes, first = [], 0
+        for req, s in zip(reqs, states, strict=True):
+            assert s.pixels is not None
+            n = s.pixels.shape[0]
+            text = self.model.embed_text(torch.tensor(s.tokens, device=self.device))
+            prefixes.append(torch.cat([image_tokens[first : first + n].flatten(0, 1), text]))
+            first += n
+            req.input_tokens = int(prefixes[-1].shape[0])
+        self.model.prefill(prefixes, self.cache, [self._slot(s) for s in states])
+        for s in states:
+            s.phase, s.pixels = "denoise", None
+        self.counters["prefill_batches"] += 1
+        self.counters["prefill_rows"] += len(reqs)
+
+    def _denoise(self, reqs: list[Request]) -> None:
+        states: list[_State] = [r.state for r in reqs]
+        x = torch.stack([s.x for s in states])
+        t = torch.tensor([euler_time(s.step, s.num_steps) for s in states], dtype=torch.float32, device=self.device)
+        v = self.model.velocity(x, t, self.cache, [self._slot(s) for s in states])
+        x = euler_update(x, v, torch.tensor([s.num_steps for s in states], device=self.device))
+        self.counters["denoise_batches"] += 1
+        self.counters["denoise_rows"] += len(reqs)
+        self.counters["max_denoise_batch"] = max(self.counters["max_denoise_batch"], len(reqs))
+        for i, (req, s) in enumerate(zip(reqs, states, strict=True)):
+            s.x, s.step = x[i], s.step + 1
+            req.emit(Progress(s.step, s.num_steps, "denoise"))
+            if s.step >= s.num_steps:
+                self._finish(req, s)
+
+    def _finish(self, req: Request, s: _State) -> None:
+        actions = s.x[: s.horizon].float().cpu().numpy()
+        meta = {"action_horizon": s.horizon, "action_dim": self.cfg.action_dim, "num_steps": s.num_steps}
+        req.emit(TensorChunk.from_numpy(actions, "action", meta))
+        req.output_tokens = s.horizon
+        req.finish("stop")
+
+    @staticmethod
+    def _slot(s: _State) -> int:
+        if s.slot is None:
+            raise RuntimeError("a pi05 request lost its KV slot before finishing")
+        return s.slot
+
+
+def _load(weights: str | None, device: torch.device, dtype: torch.dtype) -> tuple[Pi05Model, Pi05Config, Tokenizer]:
+    if weights == TINY_WEIGHTS:
+        return tiny_model(TINY, device=device, dtype=dtype), TINY, ByteTokenizer(TINY.vocab_size)
+    path: Path = resolve_checkpoint_dir(
+        weights or "lerobot/pi05_base", allow_patterns=["config.json", "model.safetensors", "tokenizer.json"]
+    )
+    cfg_file = path / "config.json"
+    cfg = config_from_lerobot(cfg_file) if cfg_file.is_file() else FULL
+    tokenizer = load_paligemma_tokenizer(path)
+    return load_checkpoint(path, cfg, device=device, dtype=dtype), cfg, tokenizer
