@@ -1,0 +1,113 @@
+"""V-JEPA 2: a video in, the encoder's patch latents out.
+
+Request (``Engine("vjepa2").generate(video=..., output_modalities=("latent",))``):
+
+- ``video``: one clip (any container PyAV decodes). Frames are resized and
+  centre-cropped to the model's crop (256 for the published checkpoint) the
+  way transformers' ``VJEPA2VideoProcessor`` does, so any frame size works.
+- ``num_frames`` (default: the checkpoint's ``frames_per_clip``, 64): how many
+  frames to encode, taken from the start of the clip after ``frame_step``;
+  a shorter clip is encoded whole. The count is rounded down to a multiple of
+  the tubelet size (2); a clip with fewer than 2 frames is a ``ShapeError``.
+- ``frame_step`` (default 1): keep every k-th frame (the reference demo uses 2).
+
+Output: one ``TensorChunk`` of modality ``"latent"``, float32, shape
+``[tokens, hidden]`` with ``tokens = frames / 2 * (crop / 16) ** 2``: the
+encoder's ``last_hidden_state`` (after its final LayerNorm), frame-major in
+raster order. Metadata: ``frames`` (used), ``grid`` ``[T', H', W']``,
+``tubelet_size``, ``patch_size``.
+
+Batching: each step encodes one group of requests whose clips have the same
+frame count in a single forward (at most ``MAX_CLIPS_PER_FORWARD`` clips);
+other groups wait for the next step, so a cancel lands within one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from mstar.errors import InvalidRequestError, ShapeError
+from mstar.models.base import ModelRunner
+from mstar.models.params import Param
+from mstar.models.vjepa2.checkpoint import load_encoder
+from mstar.models.vjepa2.inputs import decode_frames
+from mstar.models.vjepa2.preprocess import normalize, resize_center_crop
+from mstar.request import Request, RequestInputs
+from mstar.types import TensorChunk
+
+__all__ = ["VJEPA2Runner"]
+
+MAX_CLIPS_PER_FORWARD = 8
+
+
+class VJEPA2Runner(ModelRunner):
+    """Encodes clips with the V-JEPA 2 ViT; same-shape clips share one forward."""
+
+    name = "vjepa2"
+    params: ClassVar[Mapping[str, Param]] = {
+        "num_frames": Param(int, None, min=2, max=512, doc="frames to encode (default: frames_per_clip)"),
+        "frame_step": Param(int, 1, min=1, max=64, doc="keep every k-th frame"),
+    }
+
+    def __init__(self, *, weights: str | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(weights=weights, device=device, dtype=dtype)
+        self.model, self.cfg = load_encoder(weights or self.info.hub_id, device, dtype)
+        self.forwards = 0
+        self.batch_sizes: list[int] = []
+
+    def validate(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        params = super().validate(inputs, output_modalities, kwargs)
+        if len(inputs.video) != 1:
+            raise InvalidRequestError(
+                f"vjepa2 encodes exactly one video per request; got {len(inputs.video)}", param="video"
+            )
+        cfg = self.cfg
+        frames = decode_frames(inputs.video[0], "video")[:: params["frame_step"]]
+        wanted = params["num_frames"] or cfg.frames_per_clip
+        usable = min(wanted, frames.shape[0]) // cfg.tubelet_size * cfg.tubelet_size
+        if usable < cfg.tubelet_size:
+            raise ShapeError(
+                f"the video must have at least {cfg.tubelet_size} frames (shape [T >= {cfg.tubelet_size}, H, W, 3] "
+                f"after frame_step={params['frame_step']}); got {frames.shape[0]}",
+                param="video",
+            )
+        shorter = int(cfg.crop_size * 256 / 224)
+        params["_clip"] = resize_center_crop(frames[:usable], cfg.crop_size, shorter)
+        return params
+
+    def admit(self, req: Request) -> bool:
+        req.state = {"clip": req.params.pop("_clip")}
+        return True
+
+    def step(self, reqs: list[Request]) -> None:
+        first = reqs[0].state["clip"].shape
+        group = [r for r in reqs if r.state["clip"].shape == first][:MAX_CLIPS_PER_FORWARD]
+        clips = torch.stack([r.state["clip"] for r in group]).to(self.device)
+        with torch.inference_mode():
+            latents = self.model(normalize(clips, self.dtype)).float().cpu().numpy()
+        self.forwards += 1
+        self.batch_sizes.append(len(group))
+        cfg = self.cfg
+        frames = int(first[0])
+        meta = {
+            "frames": frames,
+            "grid": [frames // cfg.tubelet_size, cfg.grid_size, cfg.grid_size],
+            "tubelet_size": cfg.tubelet_size,
+            "patch_size": cfg.patch_size,
+        }
+        for req, lat in zip(group, latents, strict=True):
+            req.input_tokens = int(lat.shape[0])
+            req.output_tokens = int(lat.shape[0])
+            req.emit(TensorChunk.from_numpy(lat, "latent", meta))
+            req.finish("stop")
+
+    def release(self, req: Request) -> None:
+        req.state = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"forwards": self.forwards}
