@@ -1,0 +1,396 @@
+"""BAGEL's runner: chat, text-to-image, image editing and think mode, one step at a time.
+
+Each request moves through phases, one per scheduler step:
+
+``prefill`` builds its contexts (the conditional one and the guidance
+contexts: without the last text, without the input images);
+``decode`` writes text one token per step (chat answers, think-mode plans);
+``denoise`` runs ONE rectified-flow step per scheduler step. All denoising
+requests of a step share one forward whose rows are every request's guidance
+branches, then each request emits ``Progress``;
+``vae`` decodes the clean latent and emits the PNG.
+
+``num_timesteps`` counts the points of the time grid from 1 to 0, as in the
+reference: N points give N - 1 Euler steps (Progress 1 .. N-1 of N), and
+reaching the last point, t = 0, is the VAE decode (Progress N of N).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from mstar.codecs.flux_vae import AutoEncoder
+from mstar.errors import InvalidRequestError
+from mstar.layers.flow import RENORM_TYPES, cfg_active, combine_guidance, euler_step, timestep_schedule
+from mstar.layers.kv_cache import KVCache
+from mstar.layers.rotary import RotaryEmbedding
+from mstar.layers.sampling import SamplingParams, sample_tokens
+from mstar.models.bagel.config import BagelConfig
+from mstar.models.bagel.forward import BagelForward, Context, LatentRow
+from mstar.models.bagel.inputs import (
+    GEN_THINK_SYSTEM_PROMPT,
+    VLM_THINK_SYSTEM_PROMPT,
+    Part,
+)
+from mstar.models.bagel.model import Bagel
+from mstar.models.bagel.prepare import prepare_request, with_marker_ids
+from mstar.models.bagel.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
+from mstar.models.bagel.weights import CHECKPOINT_FILES, build_models, load_checkpoint, load_tiny
+from mstar.models.base import ModelRunner
+from mstar.models.params import Param, validate_params
+from mstar.request import Request, RequestInputs
+from mstar.types import ImageChunk, Progress, TextChunk
+from mstar.weights import TINY, resolve_checkpoint_dir
+
+__all__ = ["BagelRunner"]
+
+log = logging.getLogger("mstar.bagel")
+
+
+@dataclass
+class _Denoise:
+    x: torch.Tensor  # [N, p*p*z] float32 latent tokens
+    h: int
+    w: int
+    times: list[float]
+    dts: list[float]
+    step: int = 0
+
+
+@dataclass
+class _State:
+    mode: str  # "chat" | "image"
+    phase: str = "prefill"
+    ctx: dict[str, Context] = field(default_factory=dict)  # "cond", "text" (no last text), "img" (no images)
+    # decoding
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    next_token: int = 0
+    emitted: str = ""
+    saved_len: int = 0  # cond context length before think-mode decoding
+    saved_rope: int = 0
+    denoise: _Denoise | None = None
+
+
+class BagelRunner(ModelRunner):
+    """ByteDance BAGEL-7B-MoT: understanding and generation experts over one Qwen2 backbone."""
+
+    name = "bagel"
+    params: ClassVar[Mapping[str, Param]] = {
+        "cfg_text_scale": Param(float, 4.0, min=0.0, max=50.0, doc="text guidance scale"),
+        "cfg_img_scale": Param(float, None, min=0.0, max=50.0, doc="image guidance scale (1.0; 2.0 for edits)"),
+        "cfg_interval": Param(list, [0.4, 1.0], doc="guidance applies while interval[0] < t <= interval[1]"),
+        "cfg_renorm_type": Param(str, "global", choices=RENORM_TYPES),
+        "cfg_renorm_min": Param(float, 0.0, min=0.0, max=1.0),
+        "num_timesteps": Param(
+            int, 50, min=2, max=1000, doc="time grid points from 1 to 0 (N-1 Euler steps, then the decode)"
+        ),
+        "timestep_shift": Param(float, 3.0, min=0.01, max=100.0),
+        "width": Param(int, None, min=1, max=1 << 16),
+        "height": Param(int, None, min=1, max=1 << 16),
+        "think_mode": Param(bool, False, doc="write a plan (or reasoning) before answering or painting"),
+        "temperature": Param(float, 0.0, min=0.0, max=5.0, doc="0 means greedy, as the reference"),
+        "top_p": Param(float, 1.0, min=0.0, max=1.0),
+        "max_output_tokens": Param(int, 1024, min=1, max=32768),
+    }
+
+    def __init__(self, *, weights: str | None, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(weights=weights, device=device, dtype=dtype)
+        if weights == TINY:
+            self.cfg = BagelConfig.tiny()
+            model, vae = build_models(self.cfg)
+            load_tiny(self.cfg, model, vae)
+            self.tokenizer: TextTokenizer = ByteTokenizer()
+            num_slots, max_len = 12, 2048
+        else:
+            root = resolve_checkpoint_dir(weights or self.info.hub_id, allow_patterns=CHECKPOINT_FILES)
+            self.cfg = BagelConfig.from_checkpoint_dir(root)
+            model, vae = build_models(self.cfg, device="meta")
+            load_checkpoint(root, model, vae, device, dtype)
+            self.tokenizer = load_tokenizer(root)
+            self.cfg = with_marker_ids(self.cfg, self.tokenizer)
+            num_slots, max_len = 8, 16384
+        self.model: Bagel = model.to(device=device, dtype=dtype).eval()
+        self.vae: AutoEncoder = vae.to(device=device, dtype=torch.float32).eval()
+        # RoPE frequencies are not in the checkpoint: rebuild them in float32 on the target device
+        # (a meta-built model has none, and a bfloat16 cast would blur them).
+        self.model.language_model.model.rotary_emb = RotaryEmbedding(self.cfg.llm.head_dim, self.cfg.llm.rope_theta).to(
+            device
+        )
+        llm = self.cfg.llm
+        self.cache = KVCache(
+            num_layers=llm.num_hidden_layers,
+            num_slots=num_slots,
+            max_len=max_len,
+            num_kv_heads=llm.num_key_value_heads,
+            head_dim=llm.head_dim,
+            device=device,
+            dtype=dtype,
+        )
+        self.fwd = BagelForward(self.model, self.vae, self.cache, self.cfg)
+        self.denoise_batch_rows: list[int] = []  # rows per denoising forward (for tests and stats)
+        self.last_denoise_forward_s = 0.0
+
+    # ------------------------------------------------------------------ validation
+    def validate(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        return prepare_request(
+            self.cfg,
+            self.tokenizer,
+            self.cache.max_len,
+            inputs,
+            output_modalities,
+            validate_params(self.params, kwargs),
+        )
+
+    # ------------------------------------------------------------------ life cycle
+    def _branches(self, req: Request) -> list[str]:
+        p = req.params
+        if p["_mode"] != "image":
+            return ["cond"]
+        out = ["cond"]
+        if p["cfg_text_scale"] > 1.0:
+            out.append("text")
+            if p["cfg_img_scale"] > 1.0:
+                out.append("img")
+        return out
+
+    def admit(self, req: Request) -> bool:
+        names = self._branches(req)
+        if self.cache.slots_free < len(names):
+            if self.cache.slots_used == 0:
+                raise InvalidRequestError(
+                    f"a request needs {len(names)} KV slots; the cache has {self.cache.num_slots}"
+                )
+            return False
+        p = req.params
+        st = _State(mode=p["_mode"])
+        for name in names:
+            slot = self.cache.allocate()
+            assert slot is not None
+            st.ctx[name] = Context(slot)
+        st.sampling = SamplingParams(temperature=p["temperature"], top_p=p["top_p"])
+        req.state = st
+        return True
+
+    def release(self, req: Request) -> None:
+        st = req.state
+        if isinstance(st, _State):
+            for ctx in st.ctx.values():
+                self.cache.free(ctx.slot)
+            st.ctx.clear()
+
+    def stats(self) -> dict[str, Any]:
+        rows = self.denoise_batch_rows
+        return {
+            "kv_slots_used": self.cache.slots_used,
+            "kv_slots_total": self.cache.num_slots,
+            "denoise_forwards": len(rows),
+            "denoise_rows_last": rows[-1] if rows else 0,
+            "denoise_forward_s_last": self.last_denoise_forward_s,
+        }
+
+    # ------------------------------------------------------------------ stepping
+    @torch.inference_mode()
+    def step(self, reqs: list[Request]) -> None:
+        decoding = [r for r in reqs if r.state.phase == "decode"]
+        denoising = [r for r in reqs if r.state.phase == "denoise"]
+        for req in reqs:
+            phase = req.state.phase
+            if phase not in ("prefill", "vae"):
+                continue
+            try:
+                if phase == "prefill":
+                    self._prefill(req)
+                else:
+                    self._paint(req)
+            except Exception as exc:  # a failure here belongs to this request alone
+                log.exception("%s failed for %s", phase, req.request_id)
+                req.fail(exc)
+        if decoding:
+            self._decode(decoding)
+        if denoising:
+            self._denoise(denoising)
+
+    # ---- prefill
+    def _prefill(self, req: Request) -> None:
+        p, st = req.params, req.state
+        fwd, cache = self.fwd, self.cache
+        cond = st.ctx["cond"]
+        parts: list[Part] = list(p["_parts"])
+        if p["think_mode"]:
+            sys_prompt = GEN_THINK_SYSTEM_PROMPT if st.mode == "image" else VLM_THINK_SYSTEM_PROMPT
+            parts.insert(0, Part("text", text=sys_prompt))
+        last_text = (
+            max(i for i, pt in enumerate(parts) if pt.kind == "text") if any(pt.kind == "text" for pt in parts) else -1
+        )
+        text_ctx = st.ctx.get("text")
+        for i, part in enumerate(parts):
+            if i == last_text and text_ctx is not None:
+                # Text guidance drops the last text: snapshot the context just before it.
+                cache.copy_slot(cond.slot, text_ctx.slot)
+                text_ctx.rope = cond.rope
+            if part.kind == "text":
+                ids = self.tokenizer.encode(part.text)
+                fwd.text(cond, ids)
+                req.input_tokens += len(ids) + 2
+            else:
+                img = p["_images"][part.image]
+                if "vae" in img:
+                    tokens = fwd.encode_latents(img["vae"], req.generator)
+                    _, hh, ww = img["vae"].shape
+                    fwd.vae_image(cond, tokens, hh // self.cfg.latent_downsample, ww // self.cfg.latent_downsample)
+                    req.input_tokens += tokens.shape[0] + 2
+                before = cache.lengths[cond.slot]
+                fwd.vit_image(cond, img["vit"])
+                req.input_tokens += cache.lengths[cond.slot] - before
+        img_ctx = st.ctx.get("img")
+        if img_ctx is not None:
+            # Image guidance drops the input images: the text parts alone.
+            for part in parts:
+                if part.kind == "text":
+                    fwd.text(img_ctx, self.tokenizer.encode(part.text))
+        if st.mode == "chat" or p["think_mode"]:
+            self._start_decode(req)
+        else:
+            self._start_denoise(req)
+
+    def _start_decode(self, req: Request) -> None:
+        st = req.state
+        cond = st.ctx["cond"]
+        st.saved_len, st.saved_rope = self.cache.lengths[cond.slot], cond.rope
+        room = self.cache.room(cond.slot)
+        if st.mode == "image":
+            w, h = req.params["_size"]
+            room -= (w // self.cfg.latent_downsample) * (h // self.cfg.latent_downsample) + 2 + 2
+        st.max_tokens = max(1, min(req.params["max_output_tokens"], room - 1))
+        st.next_token = self.cfg.bos_token_id  # the answer opens with <|im_start|>
+        st.phase = "decode"
+
+    def _start_denoise(self, req: Request) -> None:
+        st, p = req.state, req.params
+        w, h = p["_size"]
+        gh, gw = h // self.cfg.latent_downsample, w // self.cfg.latent_downsample
+        gen = req.generator
+        noise = torch.randn((gh * gw, self.cfg.patch_latent_dim), generator=gen, device=gen.device, dtype=torch.float32)
+        times, dts = timestep_schedule(p["num_timesteps"], p["timestep_shift"])
+        st.denoise = _Denoise(noise.to(self.device), gh, gw, times.tolist(), dts.tolist())
+        st.phase = "denoise"
+
+    # ---- text
+    def _decode(self, reqs: list[Request]) -> None:
+        ctxs = [r.state.ctx["cond"] for r in reqs]
+        logits = self.fwd.decode_step(ctxs, [r.state.next_token for r in reqs])
+        picks = sample_tokens(logits, [r.state.sampling for r in reqs], [r.generator for r in reqs]).tolist()
+        for req, tok in zip(reqs, picks, strict=True):
+            try:
+                self._after_token(req, int(tok))
+            except Exception as exc:
+                log.exception("decoding failed for %s", req.request_id)
+                req.fail(exc)
+
+    def _after_token(self, req: Request, tok: int) -> None:
+        st = req.state
+        done = tok == self.cfg.eos_token_id
+        if not done:
+            st.generated.append(tok)
+            req.output_tokens += 1
+            self._emit_text(req, final=False)
+        hit_limit = len(st.generated) >= st.max_tokens
+        if not (done or hit_limit):
+            st.next_token = tok
+            return
+        self._emit_text(req, final=True)
+        if st.mode == "chat":
+            req.finish("stop" if done else "length")
+            return
+        # Think mode: drop the decoding pass's cache and add the plan as a proper text part.
+        cond = st.ctx["cond"]
+        self.cache.lengths[cond.slot] = st.saved_len
+        cond.rope = st.saved_rope
+        self.fwd.text(cond, st.generated)
+        self._start_denoise(req)
+
+    def _emit_text(self, req: Request, *, final: bool) -> None:
+        st = req.state
+        text = self.tokenizer.decode(st.generated)
+        if not final:
+            text = text.rstrip("\ufffd")  # hold back a partial UTF-8 character
+        if len(text) > len(st.emitted) and text.startswith(st.emitted):
+            req.emit(TextChunk(text[len(st.emitted) :]))
+            st.emitted = text
+
+    # ---- images
+    def _denoise(self, reqs: list[Request]) -> None:
+        rows: list[LatentRow] = []
+        plan: list[tuple[Request, list[str], bool]] = []
+        for req in reqs:
+            st, p = req.state, req.params
+            d = st.denoise
+            t = d.times[d.step]
+            guided = cfg_active(t, tuple(p["cfg_interval"])) and "text" in st.ctx
+            names = ["cond"] + ([n for n in ("text", "img") if n in st.ctx] if guided else [])
+            lat = self.fwd.latent_embeddings(d.x, t, d.h, d.w)
+            rows.extend(LatentRow(st.ctx[n], lat) for n in names)
+            plan.append((req, names, guided))
+        self.denoise_batch_rows.append(len(rows))
+        del self.denoise_batch_rows[:-10000]
+        started = time.perf_counter()
+        vs = self.fwd.velocities(rows)
+        self.last_denoise_forward_s = time.perf_counter() - started
+        i = 0
+        for req, names, guided in plan:
+            preds = dict(zip(names, vs[i : i + len(names)], strict=True))
+            i += len(names)
+            try:
+                self._advance(req, preds, guided)
+            except Exception as exc:
+                log.exception("denoising failed for %s", req.request_id)
+                req.fail(exc)
+
+    def _advance(self, req: Request, preds: dict[str, torch.Tensor], guided: bool) -> None:
+        st, p = req.state, req.params
+        d = st.denoise
+        v = preds["cond"]
+        if guided:
+            v = combine_guidance(
+                v,
+                preds.get("text"),
+                preds.get("img"),
+                text_scale=p["cfg_text_scale"],
+                img_scale=p["cfg_img_scale"],
+                renorm_type=p["cfg_renorm_type"],
+                renorm_min=p["cfg_renorm_min"],
+            )
+        d.x = euler_step(d.x, v, d.dts[d.step])
+        d.step += 1
+        req.emit(Progress(d.step, p["num_timesteps"], "denoise"))
+        if d.step == len(d.times):
+            st.phase = "vae"  # the last grid point (t = 0) is reached at the next step, by decoding
+
+    def _paint(self, req: Request) -> None:
+        """The final timestep: decode the clean latent, report step N of N, emit the PNG."""
+        p, d = req.params, req.state.denoise
+        rgb = self.fwd.decode_image(d.x, d.h, d.w).numpy()
+        w, h = p["_size"]
+        req.emit(Progress(p["num_timesteps"], p["num_timesteps"], "denoise"))
+        req.emit(ImageChunk(_png(rgb), {"width": w, "height": h}))
+        req.finish("stop")
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,106 @@
+"""BAGEL's SigLIP NaViT encoder: native-resolution patches, learned absolute positions.
+
+The patch embedding is a linear layer over flattened 14x14x3 patches (the
+reference converts SigLIP's convolution to one), and each image keeps its own
+aspect ratio: position ids index a ``70 x 70`` grid row-major, so a
+``h x w``-patch image uses the top-left corner of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mstar.models.bagel.config import ViTConfig
+
+__all__ = ["SiglipVisionModel", "grid_position_ids", "patchify_image"]
+
+
+def patchify_image(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """[C, H, W] to [(H/p)*(W/p), p*p*C] patches (row-major; within a patch: rows, columns, channels)."""
+    c, h, w = image.shape
+    x = image.reshape(c, h // patch, patch, w // patch, patch)
+    return x.permute(1, 3, 2, 4, 0).reshape((h // patch) * (w // patch), patch * patch * c)
+
+
+def grid_position_ids(h: int, w: int, max_per_side: int) -> torch.Tensor:
+    """Flattened ids of an ``h x w`` grid inside a ``max_per_side``-wide one (extrapolating layout)."""
+    return (torch.arange(h)[:, None] * max_per_side + torch.arange(w)[None, :]).flatten()
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Linear(cfg.num_channels * cfg.patch_size**2, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches_per_side**2, cfg.hidden_size)
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        q, k, v = (
+            p(x).view(n, self.heads, d // self.heads).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+        return self.out_proj(out.transpose(0, 1).reshape(n, d))
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class _Layer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = _Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = _MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class _VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.embeddings = _Embeddings(cfg)
+        self.encoder = _Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class SiglipVisionModel(nn.Module):
+    """``vit_model.*`` of the checkpoint."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = _VisionTransformer(cfg)
+
+    def forward(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One image's patches [N, p*p*C] and grid ids [N] to features [N, hidden]."""
+        vm = self.vision_model
+        x = vm.embeddings.patch_embedding(patches) + vm.embeddings.position_embedding(position_ids)
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        return vm.post_layernorm(x)
