@@ -40,7 +40,11 @@ class FakeRunner(ModelRunner):
 
     def admit(self, req: Request) -> bool:
         self.held.add(req.request_id)
-        req.state = {"pos": 0, "text": req.inputs.text or "x"}
+        text = req.inputs.text
+        if not text and req.inputs.messages:
+            last = req.inputs.messages[-1].get("content")
+            text = last if isinstance(last, str) else None
+        req.state = {"pos": 0, "text": text or "x"}
         return True
 
     def step(self, reqs: list[Request]) -> None:

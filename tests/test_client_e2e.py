@@ -151,6 +151,14 @@ def test_generate_equals_the_engine_for_the_same_seed(client: MStarClient, fake_
     assert (remote.finish_reason, remote.seed, remote.usage) == (local.finish_reason, local.seed, local.usage)
 
 
+def test_chat_with_messages_keeps_their_roles_over_the_wire(client: MStarClient, fake_engine: Engine) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "echo me"}]
+    remote = client.chat(messages, seed=5)
+    local = fake_engine.chat(messages, seed=5)
+    assert isinstance(remote, GenerateResult) and isinstance(local, GenerateResult)
+    assert remote.text == local.text == "echo me"
+
+
 def test_stream_equals_the_engine_stream_for_the_same_seed(client: MStarClient, fake_engine: Engine) -> None:
     kwargs: dict[str, Any] = {"text": "héllo 😀", "output_modalities": ("text", "audio"), "seed": 99}
     remote = list(client.stream(**kwargs))

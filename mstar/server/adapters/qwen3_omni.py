@@ -1,0 +1,38 @@
+"""Qwen3-Omni: multimodal chat (text, optionally with speech) and text-to-speech.
+
+Text sampling belongs to the Thinker (``thinker_*`` keys), speech to the
+Talker (``talker_*``, passed through ``extra_body``); the speaker is ``voice``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from mstar.errors import InvalidParameterError
+from mstar.server.adapters.base import OpenAIAdapter, SubmitArgs
+from mstar.server.media_io import UploadScope
+from mstar.server.openai_schema import ChatRequest, SpeechRequest
+
+__all__ = ["Qwen3OmniAdapter"]
+
+
+class Qwen3OmniAdapter(OpenAIAdapter):
+    sampling_keys: ClassVar[dict[str, str]] = {
+        "temperature": "thinker_temperature",
+        "top_p": "thinker_top_p",
+        "max_tokens": "max_output_tokens",
+        "seed": "seed",
+    }
+    voices: ClassVar[tuple[str, ...]] = ("Ethan", "Chelsie", "Aiden")
+    default_voice: ClassVar[str | None] = "Ethan"
+
+    def chat_to_request(self, req: ChatRequest, media: UploadScope) -> SubmitArgs:
+        return self.chat_args(req, media)
+
+    def speech_to_request(self, req: SpeechRequest, media: UploadScope) -> SubmitArgs:
+        if req.instructions:
+            raise InvalidParameterError("qwen3_omni speech does not take 'instructions'", param="instructions")
+        args = self.speech_args(req)
+        # The Talker speaks what the Thinker writes: ask for both, the speech route keeps the audio.
+        args.output_modalities = ("text", "audio")
+        return args

@@ -1,0 +1,105 @@
+"""``create_app``: the ASGI application serving one Engine (native API + OpenAI-compatible /v1)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from litestar import Litestar
+
+from mstar.server.context import ServerState, auth_guard
+from mstar.server.errors import exception_handlers
+from mstar.server.media_io import MediaPolicy
+from mstar.server.routes import ALL_ROUTES
+from mstar.server.state import Admission, EngineHolder, ServerConfig
+
+if TYPE_CHECKING:
+    from mstar.engine import Engine
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("mstar.server")
+
+
+def create_app(
+    engine: Engine | Callable[[], Engine] | None = None,
+    *,
+    model: str | None = None,
+    config: ServerConfig | None = None,
+    **settings: Any,
+) -> Litestar:
+    """Build the server app for one engine.
+
+    ``engine`` is a ready :class:`~mstar.Engine`, a zero-argument factory
+    (called on a background thread at startup; model routes answer 503 and
+    ``/ready`` 503 until it returns), or None with ``model=`` naming the
+    family, in which case call ``app.state["mstar"].holder.set_engine(e)``
+    later. ``settings`` are :class:`ServerConfig` fields (``api_key``,
+    ``max_concurrent``, ``upload_dir`` ...) for when no ``config`` is given.
+
+    >>> app = create_app(mstar.Engine("orpheus", weights="tiny"), api_key="s3cret")
+    """
+    if config is None:
+        config = ServerConfig(**settings)
+    elif settings:
+        raise TypeError("give either config= or individual settings, not both")
+    if isinstance(config.upload_dir, str):
+        config.upload_dir = Path(config.upload_dir)
+    created_dir = config.upload_dir is None
+    upload_dir = config.resolve_upload_dir()
+
+    factory: Callable[[], Engine] | None = None
+    if engine is None or (callable(engine) and not hasattr(engine, "generate")):
+        if engine is not None:
+            factory = engine  # type: ignore[assignment]
+        if model is None:
+            raise ValueError("create_app needs model= when the engine is not given ready")
+        holder = EngineHolder(model=model)
+    else:
+        holder = EngineHolder(engine)  # type: ignore[arg-type]
+        if model is not None and model != holder.info.name:
+            raise ValueError(f"model={model!r} does not match the engine's {holder.info.name!r}")
+
+    state = ServerState(
+        holder=holder,
+        config=config,
+        admission=Admission(config.max_concurrent, config.max_queue, config.retry_after_s),
+        media_policy=MediaPolicy(
+            max_bytes=config.max_upload_bytes,
+            allow_remote=config.allow_remote_media,
+            remote_timeout=config.remote_timeout,
+        ),
+    )
+
+    def on_startup() -> None:
+        if factory is not None and not holder.ready:
+            holder.load_in_background(factory)
+
+    def on_shutdown() -> None:
+        holder.close()
+        if created_dir:
+            try:
+                upload_dir.rmdir()
+            except OSError:
+                log.warning("upload dir %s was not empty at shutdown", upload_dir)
+
+    return Litestar(
+        route_handlers=ALL_ROUTES,
+        guards=[auth_guard],
+        exception_handlers=exception_handlers,
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        state=_state(state),
+        # The body may hold several uploads (or base64 of them); each is checked against the cap itself.
+        request_max_body_size=config.max_upload_bytes * 6 + 1024 * 1024,
+        openapi_config=None,
+        debug=False,
+    )
+
+
+def _state(state: ServerState) -> Any:
+    from litestar.datastructures import State
+
+    return State({"mstar": state})

@@ -1,0 +1,352 @@
+"""Inbound media for the server: uploads, data URLs, base64 and (opt-in) remote URLs.
+
+Every blob a request brings is written under the upload directory with a
+unique name by an :class:`UploadScope`, and deleted when the scope closes
+(the end of the request, whatever happened). Client strings are never read
+as server paths. Remote http(s) fetching is off unless enabled; when on, only
+public addresses are contacted, checked on every resolved address and every
+redirect hop, with the connection pinned to the checked address so DNS
+cannot change between check and connect.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from mstar.errors import MediaError, PayloadTooLargeError
+from mstar.media import EXTENSIONS, modality_for_filename
+
+__all__ = [
+    "MediaPolicy",
+    "UploadScope",
+    "check_public_address",
+    "extension_for_mime",
+    "fetch_remote",
+    "sniff_extension",
+]
+
+_MIME_EXT: dict[str, str] = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/jpg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
+    "audio/vnd.wave": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/mp3": ".mp3",
+    "audio/flac": ".flac",
+    "audio/x-flac": ".flac",
+    "audio/ogg": ".ogg",
+    "audio/opus": ".opus",
+    "audio/aac": ".aac",
+    "audio/mp4": ".m4a",
+    "audio/x-m4a": ".m4a",
+    "video/mp4": ".mp4",
+    "video/webm": ".webm",
+    "video/quicktime": ".mov",
+    "video/x-matroska": ".mkv",
+    "video/x-msvideo": ".avi",
+}
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPolicy:
+    """Limits applied to every inbound blob."""
+
+    max_bytes: int = 25 * 1024 * 1024
+    allow_remote: bool = False
+    remote_timeout: float = 10.0
+    max_redirects: int = 3
+
+
+def extension_for_mime(mime: str) -> str:
+    ext = _MIME_EXT.get(mime.lower().split(";")[0].strip())
+    if ext is None:
+        raise MediaError(f"unsupported media type {mime!r}; supported: {', '.join(sorted(_MIME_EXT))}")
+    return ext
+
+
+def sniff_extension(data: bytes) -> str | None:
+    """Guess a file extension from magic bytes (for bare base64 with no format)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ".png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return ".gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return ".wav"
+    if data.startswith(b"fLaC"):
+        return ".flac"
+    if data.startswith(b"OggS"):
+        return ".ogg"
+    if data.startswith(b"ID3") or data[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return ".mp3"
+    if data[4:8] == b"ftyp":
+        return ".mp4"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return ".webm"
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.3g} MiB"
+
+
+def _b64decode(text: str, what: str, max_bytes: int) -> bytes:
+    # A base64 text four thirds the cap cannot decode under the cap: refuse before decoding.
+    if len(text) > (max_bytes * 4) // 3 + 8:
+        raise PayloadTooLargeError(f"{what} is larger than the {_mib(max_bytes)} upload limit")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError(f"{what} is not valid base64") from None
+
+
+class UploadScope:
+    """The media of one request, saved under ``upload_dir``; :meth:`close` deletes them all."""
+
+    def __init__(self, upload_dir: Path, policy: MediaPolicy) -> None:
+        self.upload_dir = upload_dir
+        self.policy = policy
+        self.paths: list[Path] = []
+
+    # ---- saving
+    def save(self, data: bytes, ext: str, expected: str | None = None) -> tuple[str, Path]:
+        """Save one blob; returns ``(modality, path)``. ``expected`` is the modality it must be."""
+        if len(data) > self.policy.max_bytes:
+            raise PayloadTooLargeError(f"upload of {len(data)} bytes exceeds the {_mib(self.policy.max_bytes)} limit")
+        if not data:
+            raise MediaError("media upload is empty")
+        ext = ext.lower()
+        modality = modality_for_filename("x" + ext)
+        if modality is None:
+            supported = ", ".join(e for exts in EXTENSIONS.values() for e in exts)
+            raise MediaError(f"unsupported file extension {ext or '(none)'!r}; supported: {supported}")
+        if expected is not None and modality != expected:
+            raise MediaError(f"expected {expected} media but got a {modality} file ({ext})", param=expected)
+        path = self.upload_dir / f"{uuid.uuid4().hex}{ext}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.paths.append(path)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return modality, path
+
+    def save_upload(self, filename: str, data: bytes) -> tuple[str, Path]:
+        """A multipart file: the modality comes from its extension."""
+        return self.save(data, os.path.splitext(filename or "")[1])
+
+    def save_base64(self, b64: str, fmt: str | None, expected: str | None = None) -> tuple[str, Path]:
+        """A bare base64 blob; ``fmt`` (e.g. ``"wav"``) names its format, else it is sniffed."""
+        data = _b64decode(b64, f"{expected or 'media'} data", self.policy.max_bytes)
+        ext = ("." + fmt.lower().lstrip(".")) if fmt else sniff_extension(data)
+        if ext is None:
+            raise MediaError("cannot tell the format of base64 media; use a data URL with a MIME type")
+        return self.save(data, ext, expected)
+
+    def save_data_url(self, url: str, expected: str | None = None) -> tuple[str, Path]:
+        m = _DATA_URL.match(url)
+        if m is None or not m.group("b64"):
+            raise MediaError("data URLs must look like data:<mime>;base64,<payload>")
+        data = _b64decode(m.group("data"), "data URL payload", self.policy.max_bytes)
+        mime = m.group("mime")
+        ext = extension_for_mime(mime) if mime else sniff_extension(data)
+        if ext is None:
+            raise MediaError("data URL has no MIME type and its content is not recognised")
+        return self.save(data, ext, expected)
+
+    def resolve_ref(self, ref: Any, expected: str | None = None) -> tuple[str, Path]:
+        """A media reference from a JSON body: data URL, http(s) URL (if allowed) or bare base64.
+
+        Anything else, including strings that look like server paths, is refused.
+        """
+        if not isinstance(ref, str) or not ref:
+            raise MediaError("a media reference must be a non-empty string (data URL, http(s) URL or base64)")
+        if ref.startswith("data:"):
+            return self.save_data_url(ref, expected)
+        scheme = urlsplit(ref).scheme.lower() if "://" in ref[:16] else ""
+        if scheme in ("http", "https"):
+            if not self.policy.allow_remote:
+                raise MediaError(
+                    "fetching remote media URLs is disabled on this server; send the media inline as a data URL "
+                    "(or start the server with --allow-remote-media)"
+                )
+            data, ext = fetch_remote(ref, max_bytes=self.policy.max_bytes, timeout=self.policy.remote_timeout,
+                                     max_redirects=self.policy.max_redirects)
+            return self.save(data, ext, expected)
+        if scheme:
+            raise MediaError(f"unsupported media URL scheme {scheme!r}; use a data URL or base64")
+        if ref.startswith(("/", "./", "../", "~")) or "\\" in ref[:3]:
+            raise MediaError("server-side paths are not accepted; send the media inline as a data URL or base64")
+        return self.save_base64(ref, None, expected)
+
+    # ---- cleanup
+    def close(self) -> None:
+        """Delete every file this scope saved."""
+        for path in self.paths:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.paths.clear()
+
+    def __enter__(self) -> UploadScope:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- remote fetch
+
+
+def check_public_address(ip: str) -> None:
+    """Raise :class:`MediaError` unless ``ip`` is a public unicast address."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address):
+        mapped = addr.ipv4_mapped or addr.sixtofour
+        if mapped is not None:
+            check_public_address(str(mapped))
+        if addr.teredo is not None:
+            raise MediaError(f"remote media address {ip} is not allowed (Teredo tunnel)")
+    blocked = (
+        addr.is_loopback
+        or addr.is_private
+        or addr.is_link_local
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_unspecified
+        or (isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local)
+        or not addr.is_global  # shared (100.64/10), documentation and benchmark ranges
+    )
+    if blocked:
+        raise MediaError(f"remote media address {ip} is not a public address; only public hosts may be fetched")
+
+
+def _resolve_public(host: str, port: int) -> list[str]:
+    """Resolve ``host`` and check every address; returns them (all public)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise MediaError(f"cannot resolve remote media host {host!r}: {exc}") from None
+    ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not ips:
+        raise MediaError(f"remote media host {host!r} has no address")
+    for ip in ips:
+        check_public_address(ip)
+    return ips
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, ip: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, ip: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._ip = ip
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def fetch_remote(
+    url: str,
+    *,
+    max_bytes: int,
+    timeout: float = 10.0,
+    max_redirects: int = 3,
+    resolve: Callable[[str, int], list[str]] = _resolve_public,
+) -> tuple[bytes, str]:
+    """Download a public http(s) URL; returns ``(bytes, extension)``.
+
+    Redirects are followed by hand so each hop is checked; the total time and
+    size are capped. ``resolve`` is a seam for tests.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(max_redirects + 1):
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise MediaError(f"remote media URL {url!r} must be http(s) with a host")
+        if parts.username or parts.password:
+            raise MediaError("remote media URLs with credentials are not accepted")
+        port = parts.port or (443 if scheme == "https" else 80)
+        ips = resolve(parts.hostname, port)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MediaError(f"fetching {url!r} took longer than {timeout} s")
+        conn_cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
+        conn = conn_cls(parts.hostname, ips[0], port, left)
+        try:
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            try:
+                conn.request("GET", path, headers={"User-Agent": "mstar-server", "Accept": "*/*"})
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                raise MediaError(f"fetching remote media {url!r} failed: {exc}") from None
+            if resp.status in (301, 302, 303, 307, 308):
+                location = resp.getheader("Location")
+                if not location:
+                    raise MediaError(f"remote media {url!r} redirected without a Location")
+                url = urljoin(url, location)
+                continue
+            if resp.status != 200:
+                raise MediaError(f"remote media {url!r} answered HTTP {resp.status}")
+            length = resp.getheader("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise PayloadTooLargeError(f"remote media {url!r} is larger than the {_mib(max_bytes)} upload limit")
+            chunks: list[bytes] = []
+            total = 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise MediaError(f"fetching {url!r} took longer than {timeout} s")
+                try:
+                    chunk = resp.read(65536)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise MediaError(f"reading remote media {url!r} failed: {exc}") from None
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:
+                    raise PayloadTooLargeError(f"remote media {url!r} is larger than the {_mib(max_bytes)} upload limit")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+            ctype = resp.getheader("Content-Type") or ""
+            ext = _MIME_EXT.get(ctype.split(";")[0].strip().lower()) or os.path.splitext(parts.path)[1] or sniff_extension(data)
+            if not ext:
+                raise MediaError(f"cannot tell the media type of {url!r}")
+            return data, ext
+        finally:
+            conn.close()
+    raise MediaError(f"remote media {url!r} redirected more than {max_redirects} times")

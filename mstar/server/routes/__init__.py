@@ -1,0 +1,9 @@
+"""Route handlers: thin (parse, call the engine, shape the answer)."""
+
+from __future__ import annotations
+
+from mstar.server.routes import native, openai_audio, openai_chat, openai_images, openai_models
+
+__all__ = ["ALL_ROUTES"]
+
+ALL_ROUTES = [*native.ROUTES, *openai_models.ROUTES, *openai_chat.ROUTES, *openai_audio.ROUTES, *openai_images.ROUTES]
