@@ -40,6 +40,8 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
 # Guard against decompression bombs: a tiny file that claims gigapixel size.
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_VIDEO_FRAMES = 4096
+# Decoded RGB frames are held in memory: cap their total size, not just their count.
+MAX_VIDEO_BYTES = 768 * 1024 * 1024
 
 MediaArg = str | os.PathLike[str] | bytes | tuple[str, bytes]
 
@@ -184,10 +186,17 @@ def decode_video(item: MediaItem, *, max_frames: int = MAX_VIDEO_FRAMES) -> tupl
                 raise MediaError(f"video {item.name!r} has no video stream", param="video")
             fps = float(stream.average_rate or 25)
             frames = []
+            total = 0
             frame: Any
             for frame in container.decode(stream):
                 if frame.width * frame.height > MAX_IMAGE_PIXELS:
                     raise MediaError(f"video {item.name!r} frames are {frame.width}x{frame.height}: too large", param="video")
+                total += frame.width * frame.height * 3
+                if total > MAX_VIDEO_BYTES:
+                    raise MediaError(
+                        f"video {item.name!r} decodes to more than {MAX_VIDEO_BYTES // 2**20} MiB of frames; send a shorter or smaller clip",
+                        param="video",
+                    )
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if len(frames) >= max_frames:
                     break
