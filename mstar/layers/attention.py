@@ -113,6 +113,8 @@ def cached_attention(
     r, c = batch.write_rows, batch.write_cols
     kc[batch.write_slots, :, batch.write_pos] = k_new[r, :, c].to(kc.dtype)
     vc[batch.write_slots, :, batch.write_pos] = v_new[r, :, c].to(vc.dtype)
+    if q.device.type == "cpu":
+        return _attend_rows(q, kc, vc, batch, scale, mask)
     keys = kc[batch.slots, :, : batch.kv_len]
     values = vc[batch.slots, :, : batch.kv_len]
     attn_mask = mask if mask is not None else batch.mask
@@ -121,3 +123,36 @@ def cached_attention(
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask, scale=scale)
+
+
+def _attend_rows(
+    q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, batch: AttnBatch, scale: float | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention one row at a time, each over exactly its own tokens and context (CPU).
+
+    CPU attention kernels block their sums by the padded shapes, so a row
+    attended inside a batch (padded to the longest row and context) differs in
+    the last bits from the same row run alone, and a sampled token can flip.
+    Attending each row over its own lengths, with the mask it would have alone,
+    makes a request's result bitwise independent of its neighbours. On CPU the
+    per-row calls cost little next to the matmuls; GPUs keep the batched call.
+    """
+    out = torch.zeros_like(q)
+    groups = q.shape[1] // kc.shape[1]
+    for b, slot in enumerate(batch.slots.tolist()):
+        n = batch.new_lens[b]
+        ctx = batch.starts[b] + n
+        keys = kc[slot, :, :ctx][None].to(q.dtype)
+        values = vc[slot, :, :ctx][None].to(q.dtype)
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        # Alone, a one-token row has no mask (it sees its whole context); longer rows do.
+        if mask is not None:
+            row_mask: torch.Tensor | None = mask[b : b + 1, :, :n, :ctx]
+        elif n > 1 and batch.mask is not None:
+            row_mask = batch.mask[b : b + 1, :, :n, :ctx]
+        else:
+            row_mask = None
+        out[b : b + 1, :, :n] = F.scaled_dot_product_attention(q[b : b + 1, :, :n], keys, values, attn_mask=row_mask, scale=scale)
+    return out

@@ -1,0 +1,217 @@
+"""Orpheus weights: the published checkpoint (strictly checked) or the tiny deterministic variant.
+
+Full weights: ``weights`` is a local directory or hub id of an Orpheus
+checkpoint (HF ``LlamaForCausalLM`` layout: ``config.json``,
+``*.safetensors``, ``tokenizer.json``). The SNAC 24 kHz codec is looked up,
+in order, in ``$MSTAR_SNAC_WEIGHTS`` (a directory or hub id), a ``snac_24khz``
+or ``snac`` sub-directory of the checkpoint, then the hub id
+``hubertsiuzdak/snac_24khz`` (the local hub cache when offline). Names and
+shapes must match exactly; anything missing, unexpected or mis-shaped raises
+:class:`~mstar.errors.WeightsError` naming it.
+
+Tiny weights: random, from a fixed seed, cached by
+:func:`mstar.weights.tiny_state_dict`. Pure noise would almost never emit a
+well-formed frame of audio codes, so a few reserved residual channels are
+set to make the tiny model speak in frames: the embedding of an audio token
+at frame position j (and of any non-audio token) lights the channel for the
+position that should follow, no layer writes those channels, and the head
+reads them to favour that position's 4,096 codes. Everything else (which
+code, and the whole network path) stays random, so the tiny model exercises
+exactly the full model's code path and emits audio after a few frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from mstar.codecs.snac import SNACConfig, SNACDecoder
+from mstar.errors import WeightsError
+from mstar.layers.llama import LlamaConfig, LlamaForCausalLM
+from mstar.models.orpheus.config import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, CODES_PER_FRAME
+from mstar.weights import resolve_checkpoint_dir, tiny_state_dict
+
+__all__ = ["SNAC_HUB_ID", "build_tiny", "load_llama", "load_snac", "snac_location"]
+
+log = logging.getLogger("mstar.orpheus")
+
+SNAC_HUB_ID = "hubertsiuzdak/snac_24khz"
+_TINY_RECIPE = 1  # bump when the tiny construction changes, to invalidate cached files
+
+
+# ----------------------------------------------------------------------------- tiny
+
+
+def _tiny_llama_state(cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+        reserved = CODES_PER_FRAME  # channels 0..6: "the next code is at frame position k"
+        emb = model.model.embed_tokens.weight
+        head = model.lm_head.weight
+        emb[:, :reserved] = 0.0
+        emb[:, 0] = 1.0  # non-audio tokens (the prompt's last one included): next is position 0
+        head[:, :reserved] = 0.0
+        for pos in range(CODES_PER_FRAME):
+            ids = slice(AUDIO_TOKEN_BASE + pos * CODEBOOK_SIZE, AUDIO_TOKEN_BASE + (pos + 1) * CODEBOOK_SIZE)
+            emb[ids, 0] = 0.0
+            emb[ids, (pos + 1) % CODES_PER_FRAME] = 1.0
+            head[ids, pos] = 1.0
+        for name, p in model.named_parameters():  # layers never overwrite the reserved channels
+            if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+                p[:reserved] = 0.0
+    return dict(model.state_dict())
+
+
+def build_tiny(
+    llama_cfg: LlamaConfig, snac_cfg: SNACConfig, *, device: torch.device, dtype: torch.dtype
+) -> tuple[LlamaForCausalLM, SNACDecoder]:
+    """The tiny Orpheus LM and codec, from cached deterministic weights."""
+    lm_state = tiny_state_dict(
+        "orpheus-llama", {"llama": llama_cfg.to_dict(), "recipe": _TINY_RECIPE}, lambda: _tiny_llama_state(llama_cfg)
+    )
+    snac_state = tiny_state_dict(
+        "orpheus-snac",
+        {"snac": snac_cfg.to_dict(), "recipe": _TINY_RECIPE},
+        lambda: dict(SNACDecoder(snac_cfg).state_dict()),
+    )
+    model = LlamaForCausalLM(llama_cfg)
+    model.load_state_dict(lm_state, strict=True)
+    snac = SNACDecoder(snac_cfg)
+    snac.load_state_dict(snac_state, strict=True)
+    return model.to(device=device, dtype=dtype).eval(), snac.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- full
+
+
+def _check_names(
+    what: str, expected: dict[str, torch.Size], found: dict[str, torch.Size], optional: Iterable[str] = ()
+) -> None:
+    optional = set(optional)
+    missing = sorted(set(expected) - set(found) - optional)
+    unexpected = sorted(set(found) - set(expected) - optional)
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}"
+        for k in set(expected) & set(found)
+        if found[k] != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {'; '.join(wrong[:8])}")
+    if problems:
+        raise WeightsError(f"{what} does not match the model: " + " | ".join(problems))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise WeightsError(f"{str(path)!r} not found") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"could not read {str(path)!r}: {exc}") from exc
+
+
+def load_llama(ckpt: Path, *, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Build the LM from ``ckpt/config.json`` and load its safetensors, checking every name and shape."""
+    from safetensors import safe_open
+
+    cfg = LlamaConfig.from_hf_dict(_read_json(ckpt / "config.json"))
+    needed = AUDIO_TOKEN_BASE + CODES_PER_FRAME * CODEBOOK_SIZE
+    if cfg.vocab_size < needed:
+        raise WeightsError(f"{ckpt} has vocab_size {cfg.vocab_size}; Orpheus audio tokens need at least {needed}")
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no *.safetensors files in {str(ckpt)!r}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = {n: p.shape for n, p in model.named_parameters()}
+    optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
+    found = {k: torch.Size(h.get_slice(k).get_shape()) for k, h in where.items()}
+    _check_names(f"checkpoint {str(ckpt)!r}", expected, found, optional)
+    state = {k: where[k].get_tensor(k).to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def snac_location(ckpt: Path | None) -> str:
+    """Where the codec comes from (see the module docstring for the order)."""
+    env = os.environ.get("MSTAR_SNAC_WEIGHTS")
+    if env:
+        return env
+    if ckpt is not None:
+        for sub in ("snac_24khz", "snac"):
+            if (ckpt / sub / "config.json").is_file():
+                return str(ckpt / sub)
+    return SNAC_HUB_ID
+
+
+def _legacy_weight_norm_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weight_g``/``weight_v`` (old torch weight_norm) -> the parametrization names."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".weight_g"):
+            k = k[: -len("weight_g")] + "parametrizations.weight.original0"
+        elif k.endswith(".weight_v"):
+            k = k[: -len("weight_v")] + "parametrizations.weight.original1"
+        out[k] = v
+    return out
+
+
+def load_snac(source: str, *, device: torch.device) -> SNACDecoder:
+    """The SNAC decoder from a directory or hub id holding ``config.json`` and ``pytorch_model.bin``."""
+    path = resolve_checkpoint_dir(source, allow_patterns=["config.json", "pytorch_model.bin", "*.safetensors"])
+    cfg = SNACConfig.from_dict(_read_json(path / "config.json"))
+    try:
+        snac = SNACDecoder(cfg)
+    except ValueError as exc:
+        raise WeightsError(f"unsupported SNAC config in {str(path)!r}: {exc}") from exc
+    st_files = sorted(path.glob("*.safetensors"))
+    try:
+        if st_files:
+            from safetensors.torch import load_file
+
+            raw: dict[str, torch.Tensor] = {}
+            for f in st_files:
+                raw.update(load_file(str(f)))
+        else:
+            raw = torch.load(str(path / "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"no pytorch_model.bin or *.safetensors in {str(path)!r}") from None
+    except Exception as exc:
+        raise WeightsError(f"could not read SNAC weights in {str(path)!r}: {exc}") from exc
+    raw = _legacy_weight_norm_names(raw)
+    # The encoder half (and the quantizers' input projections) only serve encoding.
+    state = {k: v for k, v in raw.items() if not k.startswith("encoder.") and ".in_proj." not in k}
+    expected = {k: v.shape for k, v in snac.state_dict().items()}
+    _check_names(f"SNAC weights {str(path)!r}", expected, {k: v.shape for k, v in state.items()})
+    snac.load_state_dict(state, strict=True)
+    return snac.to(device).eval()
+
+
+def load_full(weights: str, *, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, SNACDecoder, Path]:
+    """LM and codec for a checkpoint directory or hub id; returns the resolved directory too."""
+    ckpt = resolve_checkpoint_dir(weights)
+    model = load_llama(ckpt, device=device, dtype=dtype)
+    snac = load_snac(snac_location(ckpt), device=device)
+    log.info("loaded Orpheus from %s", ckpt)
+    return model, snac, ckpt
