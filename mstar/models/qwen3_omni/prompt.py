@@ -1,0 +1,175 @@
+"""Chat prompts for Qwen3-Omni: the chat template, media placeholders and 3-D (MRoPE) positions.
+
+A request becomes ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message,
+then ``<|im_start|>assistant\\n``. Media parts expand to their placeholder runs
+(``<|vision_start|><|image_pad|>*n<|vision_end|>``,
+``<|audio_start|><|audio_pad|>*n<|audio_end|>``, and the video equivalent),
+``n`` being the number of embeddings the encoder yields for that item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mstar.errors import InvalidRequestError
+from mstar.models.qwen3_omni.tokenizer import TextTokenizer
+from mstar.request import RequestInputs
+
+__all__ = ["ChatPart", "mrope_positions", "normalise_messages", "render_prompt"]
+
+ROLES = ("system", "user", "assistant")
+MEDIA = ("image", "audio", "video")
+
+#: A message as a role and its ordered parts: ("text", str) or (modality, index into that modality's items).
+ChatPart = tuple[str, Any]
+
+
+@dataclass(slots=True)
+class _Message:
+    role: str
+    parts: list[ChatPart]
+
+
+def normalise_messages(inputs: RequestInputs) -> list[_Message]:
+    """Messages with media parts resolved to item indices; checks roles and part counts."""
+    counts = {"image": len(inputs.images), "audio": len(inputs.audio), "video": len(inputs.video)}
+    used = dict.fromkeys(MEDIA, 0)
+    out: list[_Message] = []
+    if inputs.messages:
+        for i, msg in enumerate(inputs.messages):
+            if not isinstance(msg, dict) or "role" not in msg:
+                raise InvalidRequestError(
+                    f"messages[{i}] must be an object with 'role' and 'content'", param="messages"
+                )
+            role = str(msg["role"]).lower()
+            if role not in ROLES:
+                raise InvalidRequestError(
+                    f"messages[{i}].role must be one of {', '.join(ROLES)}; got {msg['role']!r}", param="messages"
+                )
+            content = msg.get("content")
+            parts: list[ChatPart] = []
+            if content is None:
+                pass
+            elif isinstance(content, str):
+                parts.append(("text", content))
+            elif isinstance(content, list):
+                for j, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text":
+                        parts.append(("text", str(part.get("text", ""))))
+                    elif kind in MEDIA:
+                        if used[kind] >= counts[kind]:
+                            raise InvalidRequestError(
+                                f"messages[{i}].content[{j}] refers to {kind} #{used[kind] + 1}, but only "
+                                f"{counts[kind]} {kind} item(s) were given",
+                                param="messages",
+                            )
+                        parts.append((kind, used[kind]))
+                        used[kind] += 1
+                    else:
+                        raise InvalidRequestError(
+                            f"messages[{i}].content[{j}].type must be text, image, audio or video; got {kind!r}",
+                            param="messages",
+                        )
+            else:
+                raise InvalidRequestError(
+                    f"messages[{i}].content must be a string or a list of parts", param="messages"
+                )
+            out.append(_Message(role, parts))
+    if inputs.text:
+        out.append(_Message("user", [("text", inputs.text)]))
+    # Media not referenced by any part goes in front of the last user message, in order.
+    extra: list[ChatPart] = [(kind, k) for kind in MEDIA for k in range(used[kind], counts[kind])]
+    if extra:
+        users = [m for m in out if m.role == "user"]
+        if users:
+            users[-1].parts[:0] = extra
+        else:
+            out.append(_Message("user", extra))
+    if not any(m.role == "user" for m in out):
+        raise InvalidRequestError("the conversation needs at least one user message", param="messages")
+    return out
+
+
+_OPEN = {"image": "<|vision_start|>", "video": "<|vision_start|>", "audio": "<|audio_start|>"}
+_PAD = {"image": "<|image_pad|>", "video": "<|video_pad|>", "audio": "<|audio_pad|>"}
+_CLOSE = {"image": "<|vision_end|>", "video": "<|vision_end|>", "audio": "<|audio_end|>"}
+
+
+def render_prompt(
+    messages: Sequence[_Message], tokenizer: TextTokenizer, token_counts: dict[str, list[int]]
+) -> tuple[list[int], list[tuple[str, int]]]:
+    """Token ids of the whole prompt, and the media items in order of appearance."""
+    ids: list[int] = []
+    order: list[tuple[str, int]] = []
+    for msg in messages:
+        text = f"<|im_start|>{msg.role}\n"
+        for kind, value in msg.parts:
+            if kind == "text":
+                text += value
+            else:
+                ids += tokenizer.encode(text)
+                text = ""
+                n = token_counts[kind][value]
+                ids += [tokenizer.token_id(_OPEN[kind])] + [tokenizer.token_id(_PAD[kind])] * n
+                ids.append(tokenizer.token_id(_CLOSE[kind]))
+                order.append((kind, value))
+        ids += tokenizer.encode(text + "<|im_end|>\n")
+    ids += tokenizer.encode("<|im_start|>assistant\n")
+    return ids, order
+
+
+def mrope_positions(
+    ids: Sequence[int],
+    *,
+    image_token: int,
+    video_token: int,
+    image_grids: Sequence[tuple[int, int, int]],
+    video_grids: Sequence[tuple[int, int, int]],
+    video_second_per_grid: Sequence[float],
+    merge: int,
+    position_id_per_seconds: float,
+) -> tuple[torch.Tensor, float]:
+    """3-D positions [3, L] (float) and the decode offset ``max + 1 - L``.
+
+    Text and audio advance all axes by one per token. A run of image/video
+    tokens gets (time, row, column) positions offset from the position the
+    run starts at; the next token continues from the run's maximum + 1.
+    Without images or videos this is plain ``0..L-1`` on every axis.
+    """
+    n = len(ids)
+    if not image_grids and not video_grids:
+        return torch.arange(n, dtype=torch.float32)[None].expand(3, -1).clone(), 0.0
+    pos = torch.zeros(3, n, dtype=torch.float32)
+    nxt = 0.0
+    i = 0
+    img = vid = 0
+    while i < n:
+        tok = ids[i]
+        if tok in (image_token, video_token):
+            if tok == image_token:
+                gt, gh, gw = image_grids[img]
+                t_step = float(position_id_per_seconds)
+                img += 1
+            else:
+                gt, gh, gw = video_grids[vid]
+                t_step = float(video_second_per_grid[vid]) * float(position_id_per_seconds)
+                vid += 1
+            h, w = gh // merge, gw // merge
+            count = gt * h * w
+            t_idx = (torch.arange(gt, dtype=torch.float32) * t_step).view(-1, 1).expand(-1, h * w).reshape(-1)
+            h_idx = torch.arange(h, dtype=torch.float32).view(1, -1, 1).expand(gt, -1, w).reshape(-1)
+            w_idx = torch.arange(w, dtype=torch.float32).view(1, 1, -1).expand(gt, h, -1).reshape(-1)
+            block = torch.stack([t_idx, h_idx, w_idx]) + nxt
+            pos[:, i : i + count] = block
+            nxt = float(block.max()) + 1.0
+            i += count
+        else:
+            pos[:, i] = nxt
+            nxt += 1.0
+            i += 1
+    return pos, float(pos.max()) + 1.0 - n

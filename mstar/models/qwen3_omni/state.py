@@ -1,0 +1,60 @@
+"""Per-request state of a Qwen3-Omni request as it moves through Thinker, Talker and Code2Wav."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mstar.layers.sampling import SamplingParams
+from mstar.models.qwen3_omni.processor import AudioFeatures, VisualPatches
+
+__all__ = ["Encoded", "OmniState", "TalkerState"]
+
+
+@dataclass(slots=True)
+class Encoded:
+    """A validated request's prompt: token ids, 3-D positions, and preprocessed media in prompt order."""
+
+    ids: list[int]
+    positions: torch.Tensor  # [3, L] float
+    delta: float
+    audios: list[AudioFeatures]
+    images: list[VisualPatches]
+    videos: list[VisualPatches]
+
+
+@dataclass(slots=True)
+class TalkerState:
+    speaker_id: int
+    sampling: SamplingParams
+    cp_sampling: SamplingParams
+    max_tokens: int
+    slot: int | None = None
+    user_embeds: torch.Tensor | None = None  # [U, H_talker] user turns, projected
+    user_ids: list[int] = field(default_factory=list)
+    positions: torch.Tensor | None = None  # [3, prefill_len]
+    delta: float = 0.0
+    started: bool = False
+    step: int = 0  # decode steps taken (index into the trailing text)
+    last_code: int | None = None
+    last_hidden: torch.Tensor | None = None  # [H_talker] final-norm state of the last position
+    history: list[int] = field(default_factory=list)  # sampled first-codebook tokens
+    frames: list[list[int]] = field(default_factory=list)
+    decoded_frames: int = 0  # frames already turned into audio
+    done: bool = False
+
+
+@dataclass(slots=True)
+class OmniState:
+    enc: Encoded
+    slot: int
+    sampling: SamplingParams
+    max_tokens: int
+    emit_text: bool
+    prefilled: bool = False
+    generated: list[int] = field(default_factory=list)
+    pending_bytes: bytes = b""
+    thinker_done: bool = False
+    finish_reason: str = "stop"
+    talker: TalkerState | None = None
