@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,8 +15,6 @@ def main() -> int:
 
     problems = []
     for mod in pkgutil.walk_packages(mstar.__path__, "mstar."):
-        if mod.name.rsplit(".", 1)[-1].startswith("_") or ".server" in mod.name and "litestar" not in sys.modules:
-            pass
         try:
             module = importlib.import_module(mod.name)
         except ImportError as exc:
