@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
+from mstar._sugar import ClosingStream, GenerateSugar
 from mstar.errors import (
     EmptyInputError,
     InvalidParameterError,
     InvalidRequestError,
-    MStarError,
     UnknownParameterError,
     UnsupportedModalityError,
 )
@@ -24,7 +24,7 @@ from mstar.models.base import ModelRunner
 from mstar.registry import ModelInfo, get_model_info, load_runner_class
 from mstar.request import Request, RequestInputs
 from mstar.scheduler import Scheduler
-from mstar.types import AudioBuffer, Event, Finished, GenerateResult
+from mstar.types import Event, Finished, GenerateResult
 
 __all__ = ["Engine", "EventStream"]
 
@@ -49,7 +49,7 @@ def _modalities(value: Sequence[str] | str | None, name: str) -> tuple[str, ...]
     return out
 
 
-class EventStream:
+class EventStream(ClosingStream):
     """Iterator over one request's events. Closing it early cancels the request."""
 
     def __init__(self, engine: Engine, req: Request) -> None:
@@ -96,20 +96,9 @@ class EventStream:
             self._finished = True
             self._engine.cancel(self._req.request_id)
 
-    def __enter__(self) -> EventStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
-class Engine:
+class Engine(GenerateSugar[EventStream]):
     """Runs one model family in this process.
 
     >>> import mstar
@@ -118,7 +107,8 @@ class Engine:
     ``weights`` is a local checkpoint directory, a hub id, or ``"tiny"`` for
     the small random-weight variant (default: the published checkpoint).
     Several threads may call :meth:`generate` at once; requests share one
-    scheduler loop that batches them.
+    scheduler loop that batches them. ``stream``, ``chat``, ``tts``,
+    ``generate_image`` and ``edit_image`` are sugar over :meth:`generate`.
     """
 
     def __init__(
@@ -192,57 +182,6 @@ class Engine:
         finally:
             events.close()
         return GenerateResult.from_events(req.request_id, collected)
-
-    def stream(self, **kwargs: Any) -> EventStream:
-        """Sugar for ``generate(stream=True, ...)``."""
-        kwargs["stream"] = True
-        out = self.generate(**kwargs)
-        assert isinstance(out, EventStream)
-        return out
-
-    def tts(self, text: str, *, voice: str | None = None, **kwargs: Any) -> AudioBuffer:
-        """Speak ``text``; returns the whole utterance."""
-        if voice is not None:
-            kwargs["voice"] = voice
-        res = self.generate(text=text, output_modalities=("audio",), **kwargs)
-        assert isinstance(res, GenerateResult)
-        if res.audio is None:
-            raise MStarError(f"the model produced no audio (finish_reason={res.finish_reason})")
-        return res.audio
-
-    def chat(
-        self,
-        prompt: str | list[dict[str, Any]],
-        *,
-        images: MediaArg | list[MediaArg] | None = None,
-        audio: MediaArg | list[MediaArg] | None = None,
-        video: MediaArg | list[MediaArg] | None = None,
-        output_modalities: Sequence[str] | str = ("text",),
-        stream: bool = False,
-        **kwargs: Any,
-    ) -> GenerateResult | EventStream:
-        """Chat with a prompt string or a list of ``{"role", "content"}`` messages."""
-        if isinstance(prompt, str):
-            kwargs["text"] = prompt
-        else:
-            kwargs["messages"] = prompt
-        return self.generate(images=images, audio=audio, video=video, output_modalities=output_modalities, stream=stream, **kwargs)
-
-    def generate_image(self, prompt: str, **kwargs: Any) -> bytes:
-        """Text to image; returns PNG bytes."""
-        res = self.generate(text=prompt, output_modalities=("image",), **kwargs)
-        assert isinstance(res, GenerateResult)
-        if not res.images:
-            raise MStarError(f"the model produced no image (finish_reason={res.finish_reason})")
-        return res.images[0]
-
-    def edit_image(self, image: MediaArg, prompt: str, **kwargs: Any) -> bytes:
-        """Edit ``image`` following ``prompt``; returns PNG bytes."""
-        res = self.generate(text=prompt, images=image, output_modalities=("image",), **kwargs)
-        assert isinstance(res, GenerateResult)
-        if not res.images:
-            raise MStarError(f"the model produced no image (finish_reason={res.finish_reason})")
-        return res.images[0]
 
     def cancel(self, request_id: str) -> bool:
         """Cancel an in-flight request. Returns True if it was running or queued."""

@@ -15,9 +15,10 @@ from urllib.parse import quote
 
 import requests
 
-from mstar.errors import InvalidRequestError, MStarError, NotFoundError, ProtocolError, TransportError
+from mstar._sugar import GenerateSugar
+from mstar.errors import InvalidRequestError, NotFoundError, ProtocolError, TransportError
 from mstar.media import MediaArg
-from mstar.types import AudioBuffer, GenerateResult
+from mstar.types import GenerateResult
 
 from .form import build_form
 from .stream import ClientEventStream
@@ -29,7 +30,7 @@ __all__ = ["DEFAULT_TIMEOUT", "MStarClient"]
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 600.0)
 
 
-class MStarClient:
+class MStarClient(GenerateSugar[ClientEventStream]):
     """A thin HTTP client for an mstar server.
 
     >>> client = MStarClient("http://localhost:8000")
@@ -133,57 +134,6 @@ class MStarClient:
         if not result.request_id:
             result.request_id = rid
         return result
-
-    def stream(self, **kwargs: Any) -> ClientEventStream:
-        """Sugar for ``generate(stream=True, ...)``."""
-        kwargs["stream"] = True
-        out = self.generate(**kwargs)
-        assert isinstance(out, ClientEventStream)
-        return out
-
-    def chat(
-        self,
-        prompt: str | list[dict[str, Any]],
-        *,
-        images: MediaArg | list[MediaArg] | None = None,
-        audio: MediaArg | list[MediaArg] | None = None,
-        video: MediaArg | list[MediaArg] | None = None,
-        output_modalities: Sequence[str] | str = ("text",),
-        stream: bool = False,
-        **kwargs: Any,
-    ) -> GenerateResult | ClientEventStream:
-        """Chat with a prompt string or a list of ``{"role", "content"}`` messages."""
-        if isinstance(prompt, str):
-            kwargs["text"] = prompt
-        else:
-            kwargs["messages"] = prompt
-        return self.generate(
-            images=images, audio=audio, video=video, output_modalities=output_modalities, stream=stream, **kwargs
-        )
-
-    def tts(self, text: str, *, voice: str | None = None, **kwargs: Any) -> AudioBuffer:
-        """Speak ``text``; returns the whole utterance as an :class:`AudioBuffer`."""
-        res = self.generate(text=text, output_modalities=("audio",), voice=voice, **kwargs)
-        assert isinstance(res, GenerateResult)
-        if res.audio is None:
-            raise MStarError(f"the server returned no audio (finish_reason={res.finish_reason})")
-        return res.audio
-
-    def generate_image(self, prompt: str, **kwargs: Any) -> bytes:
-        """Text to image; returns PNG bytes."""
-        res = self.generate(text=prompt, output_modalities=("image",), **kwargs)
-        assert isinstance(res, GenerateResult)
-        if not res.images:
-            raise MStarError(f"the server returned no image (finish_reason={res.finish_reason})")
-        return res.images[0]
-
-    def edit_image(self, image: MediaArg, prompt: str, **kwargs: Any) -> bytes:
-        """Edit ``image`` following ``prompt``; returns PNG bytes."""
-        res = self.generate(text=prompt, images=image, output_modalities=("image",), **kwargs)
-        assert isinstance(res, GenerateResult)
-        if not res.images:
-            raise MStarError(f"the server returned no image (finish_reason={res.finish_reason})")
-        return res.images[0]
 
     # ------------------------------------------------------------------ control
     def cancel(self, request_id: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 import requests
 
+from mstar._sugar import ClosingStream
 from mstar.errors import ProtocolError, error_for_status
 from mstar.types import ErrorChunk, Event, Finished, TextChunk, event_from_wire
 
@@ -109,7 +110,7 @@ class WireDecoder:
         return [TextChunk(text, metadata=meta)] if text else []
 
 
-class ClientEventStream:
+class ClientEventStream(ClosingStream):
     """Iterator over the events of one streamed request, ending with ``Finished``.
 
     Closing it (``close()``, leaving a ``with`` block, or breaking out of a
@@ -164,14 +165,3 @@ class ClientEventStream:
             self._closed = True
             self.response.close()
 
-    def __enter__(self) -> ClientEventStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
