@@ -33,6 +33,12 @@ class Qwen3OmniAdapter(OpenAIAdapter):
         if req.instructions:
             raise InvalidParameterError("qwen3_omni speech does not take 'instructions'", param="instructions")
         args = self.speech_args(req)
-        # The Talker speaks what the Thinker writes: ask for both, the speech route keeps the audio.
+        # The Talker speaks what the Thinker writes, so the Thinker is asked to write the input
+        # back verbatim; both outputs are requested and the speech route keeps the audio.
+        args.messages = [{"role": "system", "content": _READ_ALOUD}, {"role": "user", "content": args.text}]
+        args.text = None
         args.output_modalities = ("text", "audio")
         return args
+
+
+_READ_ALOUD = "You are a text-to-speech voice. Read the user's text aloud exactly as written, adding nothing."
