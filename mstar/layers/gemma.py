@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mstar.layers.attention import AttnBatch, cached_attention
+from mstar.layers.attention import AttnBatch
+from mstar.layers.gqa import GQAttention
 from mstar.layers.kv_cache import KVCache
-from mstar.layers.rotary import apply_rotary
+from mstar.layers.mlp import GatedMLP, gelu_tanh
 
 __all__ = ["AdaRMSNorm", "GemmaDims", "GemmaLayer", "GemmaMLP", "GemmaRMSNorm", "GemmaStack", "rms_normalize"]
 
@@ -79,46 +79,16 @@ class AdaRMSNorm(nn.Module):
         return out.to(x.dtype), gate.to(x.dtype)
 
 
-class GemmaMLP(nn.Module):
-    """GeGLU feed-forward with the tanh GELU approximation."""
+class GemmaMLP(GatedMLP):
+    """GeGLU feed-forward with the tanh GELU approximation (plain ``nn.Linear`` projections)."""
 
     def __init__(self, width: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
-        self.up_proj = nn.Linear(width, mlp_dim, bias=False)
-        self.down_proj = nn.Linear(mlp_dim, width, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        super().__init__(width, mlp_dim, act=gelu_tanh, linear=nn.Linear)
 
 
-class GemmaAttention(nn.Module):
-    """Projections of one attention block (the attention itself runs on the KV cache)."""
-
-    def __init__(self, dims: GemmaDims) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = dims.num_heads, dims.num_kv_heads, dims.head_dim
-        self.q_proj = nn.Linear(dims.width, dims.num_heads * dims.head_dim, bias=False)
-        self.k_proj = nn.Linear(dims.width, dims.num_kv_heads * dims.head_dim, bias=False)
-        self.v_proj = nn.Linear(dims.width, dims.num_kv_heads * dims.head_dim, bias=False)
-        self.o_proj = nn.Linear(dims.num_heads * dims.head_dim, dims.width, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
-        layer: int,
-        batch: AttnBatch,
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q, k, v, cache, layer, batch, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+def _attention(dims: GemmaDims) -> GQAttention:
+    # Plain nn.Linear projections, as pi0.5 was validated; the attention itself runs on the KV cache.
+    return GQAttention(dims.width, dims.num_heads, dims.num_kv_heads, dims.head_dim, linear=nn.Linear)
 
 
 def _norm(dims: GemmaDims, cond_dim: int | None) -> nn.Module:
@@ -134,7 +104,7 @@ class GemmaLayer(nn.Module):
 
     def __init__(self, dims: GemmaDims, cond_dim: int | None = None) -> None:
         super().__init__()
-        self.self_attn = GemmaAttention(dims)
+        self.self_attn = _attention(dims)
         self.mlp = GemmaMLP(dims.width, dims.mlp_dim)
         self.input_layernorm = _norm(dims, cond_dim)
         self.post_attention_layernorm = _norm(dims, cond_dim)
@@ -152,7 +122,7 @@ class GemmaLayer(nn.Module):
     ) -> torch.Tensor:
         """Run the layer; ``attention_only`` skips the MLP when only the cached K/V matter."""
         h, gate = self.input_layernorm(x, cond)
-        x = _gated_add(x, self.self_attn(h, rope, cache, layer, batch), gate)
+        x = _gated_add(x, self.self_attn(h, *rope, cache, layer, batch), gate)
         if attention_only:
             return x
         h, gate = self.post_attention_layernorm(x, cond)

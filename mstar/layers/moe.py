@@ -1,4 +1,4 @@
-"""Mixture-of-experts feed-forward blocks (Qwen3-MoE layout) and the gated SiLU MLP.
+"""Mixture-of-experts feed-forward blocks (Qwen3-MoE layout); the gated SiLU MLP lives in ``mlp``.
 
 Parameter names follow the Hugging Face checkpoints: ``gate.weight`` (router),
 ``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I], and for
@@ -16,21 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mstar.layers.invariant import BatchInvariantLinear, invariant_linear
+from mstar.layers.mlp import GatedMLP
 
 __all__ = ["GatedMLP", "MoEExperts", "SparseMoE", "TopKRouter"]
-
-
-class GatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))``, no biases."""
-
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_proj = BatchInvariantLinear(hidden, intermediate, bias=False)
-        self.up_proj = BatchInvariantLinear(hidden, intermediate, bias=False)
-        self.down_proj = BatchInvariantLinear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class TopKRouter(nn.Module):

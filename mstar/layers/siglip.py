@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SiglipDims", "SiglipVisionTransformer"]
+from mstar.layers.mlp import FeedForward, gelu_tanh
+
+__all__ = ["SiglipDims", "SiglipEncoderLayer", "SiglipVisionTransformer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +48,13 @@ class _Embeddings(nn.Module):
 
 
 class _Attention(nn.Module):
-    def __init__(self, dims: SiglipDims) -> None:
+    def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
-        self.num_heads = dims.num_heads
-        self.q_proj = nn.Linear(dims.width, dims.width)
-        self.k_proj = nn.Linear(dims.width, dims.width)
-        self.v_proj = nn.Linear(dims.width, dims.width)
-        self.out_proj = nn.Linear(dims.width, dims.width)
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, w = x.shape
@@ -64,23 +66,20 @@ class _Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, t, w))
 
 
-class _MLP(nn.Module):
-    def __init__(self, dims: SiglipDims) -> None:
+class SiglipEncoderLayer(nn.Module):
+    """One pre-norm SigLIP encoder layer over [B, T, width] (full attention, tanh-GELU MLP).
+
+    Shared by every SigLIP tower (PaliGemma's here, BAGEL's NaViT), so the
+    names ``layer_norm1``, ``self_attn.{q,k,v,out}_proj``, ``layer_norm2``,
+    ``mlp.fc1``/``fc2`` are those of transformers' ``SiglipEncoderLayer``.
+    """
+
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dims.width, dims.mlp_dim)
-        self.fc2 = nn.Linear(dims.mlp_dim, dims.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class _Layer(nn.Module):
-    def __init__(self, dims: SiglipDims) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(dims.width, eps=dims.eps)
-        self.self_attn = _Attention(dims)
-        self.layer_norm2 = nn.LayerNorm(dims.width, eps=dims.eps)
-        self.mlp = _MLP(dims)
+        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
+        self.self_attn = _Attention(width, num_heads)
+        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = FeedForward(width, mlp_dim, act=gelu_tanh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -90,7 +89,9 @@ class _Layer(nn.Module):
 class _Encoder(nn.Module):
     def __init__(self, dims: SiglipDims) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_Layer(dims) for _ in range(dims.depth))
+        self.layers = nn.ModuleList(
+            SiglipEncoderLayer(dims.width, dims.mlp_dim, dims.num_heads, dims.eps) for _ in range(dims.depth)
+        )
 
 
 class SiglipVisionTransformer(nn.Module):

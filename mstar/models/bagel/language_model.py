@@ -10,11 +10,12 @@ of an image one shared position, unlike the cache positions.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mstar.layers.attention import AttnBatch, cached_attention
 from mstar.layers.kv_cache import KVCache
+from mstar.layers.llama import RMSNorm
+from mstar.layers.mlp import GatedMLP
 from mstar.layers.mot import Routing, route
 from mstar.layers.rotary import RotaryEmbedding, apply_rotary
 from mstar.models.bagel.config import LLMConfig
@@ -22,28 +23,9 @@ from mstar.models.bagel.config import LLMConfig
 __all__ = ["Qwen2MoTForCausalLM", "RMSNorm"]
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def _mlp(cfg: LLMConfig) -> GatedMLP:
+    # Plain nn.Linear projections: BAGEL was validated against its reference with ordinary matmuls.
+    return GatedMLP(cfg.hidden_size, cfg.intermediate_size, linear=nn.Linear)
 
 
 class MoTAttention(nn.Module):
@@ -96,8 +78,8 @@ class MoTDecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int) -> None:
         super().__init__()
         self.self_attn = MoTAttention(cfg, layer)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = _mlp(cfg)
+        self.mlp_moe_gen = _mlp(cfg)
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.input_layernorm_moe_gen = RMSNorm(cfg.hidden_size, eps)

@@ -9,30 +9,13 @@ Qwen2's vocabulary), and the special tokens sit at their real ids
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Protocol
 
 from mstar.errors import WeightsError
+from mstar.models.qwen_tokenizer import QWEN2_SPECIAL_TOKENS, SpecialByteEncoder, byte_level_chars
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "QWEN2_SPECIAL_TOKENS", "TextTokenizer", "load_tokenizer"]
-
-QWEN2_SPECIAL_TOKENS: dict[str, int] = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|object_ref_start|>": 151646,
-    "<|object_ref_end|>": 151647,
-    "<|box_start|>": 151648,
-    "<|box_end|>": 151649,
-    "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651,
-    "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653,
-    "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655,
-    "<|video_pad|>": 151656,
-}
 
 
 class TextTokenizer(Protocol):
@@ -43,36 +26,19 @@ class TextTokenizer(Protocol):
     def token_id(self, token: str) -> int | None: ...
 
 
-def _byte_order() -> list[int]:
-    """Bytes in the id order of byte-level BPE: printable ranges first, then the rest."""
-    first = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    return first + [b for b in range(256) if b not in first]
-
-
 class ByteTokenizer:
     """Offline byte-level tokenizer with Qwen2's special token ids."""
 
     def __init__(self) -> None:
-        order = _byte_order()
-        self._id_of_byte = {b: i for i, b in enumerate(order)}
+        order = [b for b, _ in byte_level_chars()]
+        id_of_byte = {b: i for i, b in enumerate(order)}
+        self._encoder = SpecialByteEncoder(QWEN2_SPECIAL_TOKENS, [id_of_byte[b] for b in range(256)])
         self._byte_of_id = dict(enumerate(order))
         self._special_ids = dict(QWEN2_SPECIAL_TOKENS)
         self._special_names = {v: k for k, v in self._special_ids.items()}
-        self._split = re.compile("(" + "|".join(re.escape(s) for s in self._special_ids) + ")")
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece in self._split.split(text):
-            if not piece:
-                continue
-            special = self._special_ids.get(piece)
-            if special is not None:
-                ids.append(special)
-            else:
-                ids.extend(self._id_of_byte[b] for b in piece.encode("utf-8"))
-        return ids
+        return self._encoder.encode(text)
 
     def token_id(self, token: str) -> int | None:
         return self._special_ids.get(token)

@@ -3,15 +3,16 @@
 The patch embedding is a linear layer over flattened 14x14x3 patches (the
 reference converts SigLIP's convolution to one), and each image keeps its own
 aspect ratio: position ids index a ``70 x 70`` grid row-major, so a
-``h x w``-patch image uses the top-left corner of it.
+``h x w``-patch image uses the top-left corner of it. The encoder layers are
+the shared :class:`~mstar.layers.siglip.SiglipEncoderLayer`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mstar.layers.siglip import SiglipEncoderLayer
 from mstar.models.bagel.config import ViTConfig
 
 __all__ = ["SiglipVisionModel", "grid_position_ids", "patchify_image"]
@@ -36,49 +37,13 @@ class _Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches_per_side**2, cfg.hidden_size)
 
 
-class _Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        d = cfg.hidden_size
-        self.heads = cfg.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, d = x.shape
-        q, k, v = (
-            p(x).view(n, self.heads, d // self.heads).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
-        return self.out_proj(out.transpose(0, 1).reshape(n, d))
-
-
-class _MLP(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
-class _Layer(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = _Attention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = _MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class _Encoder(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            SiglipEncoderLayer(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.layer_norm_eps)
+            for _ in range(cfg.num_hidden_layers)
+        )
 
 
 class _VisionTransformer(nn.Module):
@@ -101,6 +66,7 @@ class SiglipVisionModel(nn.Module):
         """One image's patches [N, p*p*C] and grid ids [N] to features [N, hidden]."""
         vm = self.vision_model
         x = vm.embeddings.patch_embedding(patches) + vm.embeddings.position_embedding(position_ids)
+        x = x[None]  # the shared layer attends over [B, T, D]; one image is a batch of one
         for layer in vm.encoder.layers:
             x = layer(x)
-        return vm.post_layernorm(x)
+        return vm.post_layernorm(x[0])

@@ -160,6 +160,19 @@ FULL_CONFIG: dict[str, Any] = {
 }
 
 
+# Widths shared by the tiny variant's three decoders (Thinker, Talker, code predictor).
+_TINY_DECODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 4096,
+}
+# And the experts of the two MoE ones.
+_TINY_MOE: dict[str, Any] = {"moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2}
+
+
 def _tiny() -> dict[str, Any]:
     cfg = copy.deepcopy(FULL_CONFIG)
     small_rope = {**_MROPE, "mrope_section": [4, 2, 2]}
@@ -180,45 +193,17 @@ def _tiny() -> dict[str, Any]:
         out_hidden_size=32,
         deepstack_visual_indexes=[0, 1],
     )
-    th["text_config"].update(
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
-        rope_parameters=dict(small_rope),
-    )
+    th["text_config"].update(_TINY_DECODER, **_TINY_MOE, num_hidden_layers=4, rope_parameters=dict(small_rope))
     tk = cfg["talker_config"]
     tk.update(num_code_groups=4, thinker_hidden_size=32, accept_hidden_layer=3)
     tk["text_config"].update(
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
+        _TINY_DECODER,
+        **_TINY_MOE,
         shared_expert_intermediate_size=32,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=4096,
         rope_parameters=dict(small_rope),
     )
-    tk["code_predictor_config"].update(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_code_groups=4,
-        max_position_embeddings=4096,
-    )
+    tk["code_predictor_config"].update(_TINY_DECODER, num_hidden_layers=2, num_code_groups=4)
     cfg["code2wav_config"].update(
         hidden_size=32,
         num_hidden_layers=2,

@@ -15,62 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from mstar.layers.attention import AttnBatch, cached_attention
-from mstar.layers.invariant import BatchInvariantLinear
+from mstar.layers.attention import AttnBatch
+from mstar.layers.gqa import GQAttention
 from mstar.layers.kv_cache import KVCache
-from mstar.layers.moe import GatedMLP, SparseMoE
-from mstar.layers.rotary import apply_rotary
+from mstar.layers.llama import RMSNorm
+from mstar.layers.mlp import GatedMLP
+from mstar.layers.moe import SparseMoE
 
 __all__ = ["DecoderLayer", "RMSNorm", "StackOutput", "run_layers"]
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 (as the checkpoints were trained)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
-class Attention(nn.Module):
+def _attention(cfg: dict[str, Any]) -> GQAttention:
     """Grouped-query attention with per-head RMSNorm on queries and keys."""
-
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__()
-        hidden = cfg["hidden_size"]
-        self.num_heads = cfg["num_attention_heads"]
-        self.num_kv_heads = cfg["num_key_value_heads"]
-        self.head_dim = cfg.get("head_dim") or hidden // self.num_heads
-        self.q_proj = BatchInvariantLinear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = BatchInvariantLinear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = BatchInvariantLinear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = BatchInvariantLinear(self.num_heads * self.head_dim, hidden, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6))
-        self.k_norm = RMSNorm(self.head_dim, cfg.get("rms_norm_eps", 1e-6))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
-        layer: int,
-        batch: AttnBatch,
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q, k, v, cache, layer, batch, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    return GQAttention(hidden, heads, cfg["num_key_value_heads"], head_dim, qk_norm_eps=eps)
 
 
 class DecoderLayer(nn.Module):
@@ -79,7 +39,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: dict[str, Any], index: int, *, dense: bool = False) -> None:
         super().__init__()
         hidden, eps = cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = Attention(cfg)
+        self.self_attn = _attention(cfg)
         sparse_step = cfg.get("decoder_sparse_step", 1) or 1
         use_moe = (
             not dense

@@ -10,27 +10,15 @@ used instead (see :func:`load_tokenizer`).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Protocol
+
+from mstar.models.qwen_tokenizer import QWEN2_SPECIAL_TOKENS, SpecialByteEncoder, byte_level_chars
 
 __all__ = ["SPECIAL_TOKENS", "ByteTokenizer", "HFTokenizer", "TextTokenizer", "load_tokenizer"]
 
 SPECIAL_TOKENS: dict[str, int] = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|object_ref_start|>": 151646,
-    "<|object_ref_end|>": 151647,
-    "<|box_start|>": 151648,
-    "<|box_end|>": 151649,
-    "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651,
-    "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653,
-    "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655,
-    "<|video_pad|>": 151656,
+    **QWEN2_SPECIAL_TOKENS,
     "<tool_call>": 151657,
     "</tool_call>": 151658,
     "<|fim_prefix|>": 151659,
@@ -68,21 +56,10 @@ class ByteTokenizer:
         self._pieces: dict[str, int] = {**SPECIAL_TOKENS, **_WORDS}
         self._by_id: dict[int, bytes] = {i: s.encode() for s, i in self._pieces.items()}
         self._special = set(SPECIAL_TOKENS.values())
-        self._split = re.compile(
-            "(" + "|".join(re.escape(s) for s in sorted(self._pieces, key=len, reverse=True)) + ")"
-        )
+        self._encoder = SpecialByteEncoder(self._pieces, range(256))
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for part in self._split.split(text):
-            if not part:
-                continue
-            tok = self._pieces.get(part)
-            if tok is not None:
-                ids.append(tok)
-            else:
-                ids.extend(part.encode("utf-8"))
-        return ids
+        return self._encoder.encode(text)
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         out = bytearray()
@@ -116,20 +93,8 @@ class HFTokenizer:
             self._tok = AutoTokenizer.from_pretrained(str(path))
             self._fast = False
         self._special = set(SPECIAL_TOKENS.values())
-        # GPT-2 byte <-> unicode table, to turn BPE pieces back into raw bytes for incremental decoding.
-        bs = (
-            list(range(ord("!"), ord("~") + 1))
-            + list(range(ord("¡"), ord("¬") + 1))
-            + list(range(ord("®"), ord("ÿ") + 1))
-        )
-        cs = bs[:]
-        n = 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        self._byte_of = {chr(c): b for b, c in zip(bs, cs, strict=True)}
+        # GPT-2's byte <-> character table, to turn BPE pieces back into raw bytes for incremental decoding.
+        self._byte_of = {ch: b for b, ch in byte_level_chars()}
 
     def encode(self, text: str) -> list[int]:
         if self._fast:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mstar.models.vjepa2.block import PreNormBlock
 from mstar.models.vjepa2.config import EncoderConfig
 from mstar.models.vjepa2.rope import apply_rope, grid_positions, rope_tables
 
@@ -58,27 +59,8 @@ class _Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class _MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class _Layer(nn.Module):
-    def __init__(self, cfg: EncoderConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attention = _Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = _MLP(cfg.hidden_size, cfg.mlp_hidden_size)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x), cos, sin)
-        return x + self.mlp(self.norm2(x))
+def _layer(cfg: EncoderConfig) -> PreNormBlock:
+    return PreNormBlock(cfg.hidden_size, cfg.mlp_hidden_size, cfg.layer_norm_eps, _Attention(cfg), attn_name="attention")
 
 
 class VJEPA2Encoder(nn.Module):
@@ -88,7 +70,7 @@ class VJEPA2Encoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = _Embeddings(cfg)
-        self.layer = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layer = nn.ModuleList(_layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mstar.models.vjepa2.block import PreNormBlock
 from mstar.models.vjepa2.config import ACPredictorConfig
 from mstar.models.vjepa2.rope import apply_rope, rope_tables
 
@@ -58,28 +59,9 @@ class _Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-class _MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class _Block(nn.Module):
-    def __init__(self, cfg: ACPredictorConfig) -> None:
-        super().__init__()
-        d = cfg.predictor_embed_dim
-        self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.attn = _Attention(d, cfg.num_heads)
-        self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.mlp = _MLP(d, cfg.mlp_hidden_size)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
-        return x + self.mlp(self.norm2(x))
+def _block(cfg: ACPredictorConfig) -> PreNormBlock:
+    d = cfg.predictor_embed_dim
+    return PreNormBlock(d, cfg.mlp_hidden_size, cfg.layer_norm_eps, _Attention(d, cfg.num_heads), attn_name="attn")
 
 
 class ACPredictor(nn.Module):
@@ -94,7 +76,7 @@ class ACPredictor(nn.Module):
         self.state_encoder = nn.Linear(cfg.state_dim, d)
         # Present in the release checkpoint even when unused (use_extrinsics=False).
         self.extrinsics_encoder = nn.Linear(cfg.extrinsics_dim, d)
-        self.predictor_blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.depth))
+        self.predictor_blocks = nn.ModuleList(_block(cfg) for _ in range(cfg.depth))
         self.predictor_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.predictor_proj = nn.Linear(d, cfg.embed_dim)
 
