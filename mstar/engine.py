@@ -223,6 +223,7 @@ class Engine(GenerateSugar[EventStream]):
             raise InvalidRequestError(f"text must be a string, got {type(text).__name__}", param="text")
         if messages is not None and not isinstance(messages, list):
             raise InvalidRequestError("messages must be a list of {role, content} objects", param="messages")
+        _check_utf8(text, messages)
         inputs = RequestInputs(
             text=text,
             messages=messages,
@@ -277,6 +278,23 @@ class Engine(GenerateSugar[EventStream]):
             timeout=timeout,
             device=self.device,
         )
+
+
+def _check_utf8(text: str | None, messages: list[dict[str, Any]] | None) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (lone surrogates), before any tokenizer sees it."""
+    pieces: list[Any] = [text]
+    for msg in messages or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        pieces.extend(content if isinstance(content, list) else [content])
+    for piece in pieces:
+        value = piece.get("text") if isinstance(piece, dict) else piece
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(
+                    f"text is not valid Unicode (a lone surrogate at position {exc.start})", param="text"
+                ) from None
 
 
 def _parse_seed(value: Any) -> int:

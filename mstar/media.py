@@ -108,7 +108,9 @@ def decode_image(item: MediaItem, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.n
         raise
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image {item.name!r} is too large: at most {max_pixels} pixels are accepted", param="image") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise MediaError(f"image {item.name!r} could not be decoded: not a PNG, JPEG, WebP, GIF or BMP image", param="image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"image {item.name!r} could not be decoded: {exc}", param="image") from exc
 
 

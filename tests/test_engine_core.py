@@ -86,6 +86,8 @@ def test_stream_yields_events_and_ends_with_finished(engine: Engine) -> None:
         ({"text": "x", "images": 12}, errors.MediaError, "must be a path, bytes"),
         ({"text": "x", "images": "/no/such/file.png"}, errors.MediaError, "not found"),
         ({"text": "x", "input_modalities": "image"}, errors.InvalidRequestError, "no such input"),
+        ({"text": "bad \ud800 text"}, errors.InvalidRequestError, "lone surrogate"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, errors.InvalidRequestError, "lone surrogate"),
     ],
 )
 def test_bad_input_raises_a_typed_error_naming_the_problem(engine: Engine, kwargs: dict, exc: type, message: str) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar
+from litestar.middleware import DefineMiddleware
 
+from mstar.server.body_timeout import BodyTimeoutMiddleware
 from mstar.server.context import ServerState, auth_guard
 from mstar.server.errors import exception_handlers
 from mstar.server.media_io import MediaPolicy
@@ -87,6 +89,7 @@ def create_app(
 
     return Litestar(
         route_handlers=ALL_ROUTES,
+        middleware=[DefineMiddleware(BodyTimeoutMiddleware, timeout=config.body_timeout)],
         guards=[auth_guard],
         exception_handlers=exception_handlers,
         on_startup=[on_startup],

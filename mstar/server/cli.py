@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=16, help="requests running on the model at once")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot; beyond this the server answers 429 with Retry-After")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a whole request body; a slower one gets 408 (0 disables)")
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let requests reference http(s) media URLs; only public addresses are fetched "
                    "(private, loopback, link-local ... are refused on every redirect hop), size- and time-capped")
@@ -79,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_queue=args.max_queue,
         allow_remote_media=args.allow_remote_media,
         api_key=args.api_key,
+        body_timeout=args.body_timeout or None,
     )
     # The model loads on a background thread: /health answers at once, /ready says 503 until loaded.
     app = create_app(load, model=args.model, config=config)

@@ -16,7 +16,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.response import Stream
 
-from mstar.errors import AuthenticationError, InvalidRequestError, NotFoundError, UnknownModelError
+from mstar.errors import AuthenticationError, InvalidRequestError, MStarError, NotFoundError, UnknownModelError
 from mstar.server.adapters import OpenAIAdapter, SubmitArgs, get_adapter_class
 from mstar.server.media_io import MediaPolicy, UploadScope
 from mstar.server.state import Admission, EngineHolder, ServerConfig
@@ -152,8 +152,8 @@ async def prime(agen: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
 async def read_body(request: Request[Any, Any, Any]) -> bytes:
     try:
         return await request.body()
-    except HTTPException:
-        raise  # e.g. 413 for a body over the limit: mapped by the error handlers
+    except (HTTPException, MStarError):
+        raise  # e.g. 413 for a body over the limit, 408 for a body too slow: mapped by the error handlers
     except Exception as exc:
         raise InvalidRequestError(f"could not read the request body: {exc}") from exc
 

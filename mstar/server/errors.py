@@ -30,6 +30,7 @@ from mstar.server.streaming import ClientDisconnected
 from mstar.types import ErrorChunk
 
 __all__ = [
+    "BodyTimeoutError",
     "MethodNotAllowedError",
     "as_mstar_error",
     "error_body",
@@ -45,6 +46,13 @@ log = logging.getLogger("mstar.server")
 class MethodNotAllowedError(RequestError):
     status_code = 405
     code = "method_not_allowed"
+
+
+class BodyTimeoutError(RequestError):
+    """The client did not deliver its request body within the server's body timeout."""
+
+    status_code = 408
+    code = "body_timeout"
 
 
 def as_mstar_error(exc: BaseException) -> MStarError:

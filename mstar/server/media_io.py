@@ -66,6 +66,9 @@ _MIME_EXT: dict[str, str] = {
     "video/x-msvideo": ".avi",
 }
 
+# Longest remote media URL accepted (initial or redirect target); browsers and CDNs stop near here too.
+MAX_URL_CHARS = 8192
+
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,(?P<data>.*)$", re.S)
 
 
@@ -186,7 +189,10 @@ class UploadScope:
             raise MediaError("a media reference must be a non-empty string (data URL, http(s) URL or base64)")
         if ref.startswith("data:"):
             return self.save_data_url(ref, expected)
-        scheme = urlsplit(ref).scheme.lower() if "://" in ref[:16] else ""
+        try:
+            scheme = urlsplit(ref).scheme.lower() if "://" in ref[:16] else ""
+        except ValueError as exc:  # e.g. an unterminated IPv6 literal
+            raise MediaError(f"the media URL is malformed: {exc}") from None
         if scheme in ("http", "https"):
             if not self.policy.allow_remote:
                 raise MediaError(
@@ -251,6 +257,8 @@ def _resolve_public(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise MediaError(f"cannot resolve remote media host {host!r}: {exc}") from None
+    except (UnicodeError, ValueError) as exc:  # not encodable as a host name (IDNA), e.g. a label over 63 characters
+        raise MediaError(f"remote media host {host[:80]!r} is not a valid host name: {exc}") from None
     ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not ips:
         raise MediaError(f"remote media host {host!r} has no address")
@@ -293,13 +301,19 @@ def fetch_remote(
     """
     deadline = time.monotonic() + timeout
     for _ in range(max_redirects + 1):
-        parts = urlsplit(url)
+        if len(url) > MAX_URL_CHARS:
+            raise MediaError(f"remote media URL is {len(url)} characters long; at most {MAX_URL_CHARS} are accepted")
+        try:
+            parts = urlsplit(url)
+            given_port = parts.port  # raises for a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise MediaError(f"remote media URL {url!r} is malformed: {exc}") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
             raise MediaError(f"remote media URL {url!r} must be http(s) with a host")
         if parts.username or parts.password:
             raise MediaError("remote media URLs with credentials are not accepted")
-        port = parts.port or (443 if scheme == "https" else 80)
+        port = given_port or (443 if scheme == "https" else 80)
         ips = resolve(parts.hostname, port)
         left = deadline - time.monotonic()
         if left <= 0:

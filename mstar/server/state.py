@@ -36,6 +36,7 @@ class ServerConfig:
     remote_timeout: float = 10.0
     api_key: str | None = None
     retry_after_s: float = 1.0
+    body_timeout: float | None = 30.0  # seconds to receive a whole request body; slower clients get 408
 
     @property
     def max_upload_bytes(self) -> int:

@@ -12,7 +12,7 @@ from litestar import Request, post
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 
-from mstar.errors import InvalidParameterError, InvalidRequestError, ModelError, RequestTimeoutError
+from mstar.errors import InvalidParameterError, InvalidRequestError, ModelError, MStarError, RequestTimeoutError
 from mstar.server.adapters import SubmitArgs
 from mstar.server.context import ServerState, read_body, server_state
 from mstar.server.openai_schema import ImageRequest, parse_edit_form, parse_image, parse_json_object
@@ -64,7 +64,7 @@ async def edits(request: Request[Any, Any, Any]) -> Any:
         raise InvalidRequestError("image edits are sent as multipart/form-data with 'image' file(s) and a 'prompt'")
     try:
         form = await request.form()
-    except HTTPException:
+    except (HTTPException, MStarError):
         raise
     except Exception as exc:
         raise InvalidRequestError(f"the multipart form could not be parsed: {exc}") from None
