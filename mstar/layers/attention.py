@@ -18,6 +18,9 @@ from mstar.layers.kv_cache import KVCache
 
 __all__ = ["AttnBatch", "cached_attention"]
 
+#: On CPU, attend row by row so a request's result is bitwise independent of its batch (see _attend_rows).
+PER_ROW_ON_CPU = True
+
 
 @dataclass(slots=True)
 class AttnBatch:
@@ -113,7 +116,7 @@ def cached_attention(
     r, c = batch.write_rows, batch.write_cols
     kc[batch.write_slots, :, batch.write_pos] = k_new[r, :, c].to(kc.dtype)
     vc[batch.write_slots, :, batch.write_pos] = v_new[r, :, c].to(vc.dtype)
-    if q.device.type == "cpu":
+    if PER_ROW_ON_CPU and q.device.type == "cpu":
         return _attend_rows(q, kc, vc, batch, scale, mask)
     keys = kc[batch.slots, :, : batch.kv_len]
     values = vc[batch.slots, :, : batch.kv_len]

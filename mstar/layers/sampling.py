@@ -53,10 +53,9 @@ def sample_tokens(
             rows.append(apply_repetition_penalty(logits[i], hist, p) if hist is not None else logits[i])
         logits = torch.stack(rows)
 
-    greedy = torch.tensor([p.temperature <= 0 for p in params], device=logits.device)
-    argmax = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return argmax
+    greedy_rows = [p.temperature <= 0 for p in params]
+    if all(greedy_rows):
+        return logits.argmax(dim=-1)
 
     temps = torch.tensor([max(p.temperature, 1e-5) for p in params], device=logits.device, dtype=torch.float32)
     scaled = logits / temps[:, None]
@@ -76,9 +75,9 @@ def sample_tokens(
         # kept). Only the cut-off probability is needed, so the values alone are sorted; tokens tied
         # with the cut-off are all kept, which makes the set independent of sort order.
         desc = _descending_values(probs)
-        mass_before = torch.cumsum(desc, dim=-1) - desc
-        n_keep = (mass_before < top_p[:, None]).sum(dim=-1).clamp_(min=1)
-        cutoff = desc.gather(-1, (n_keep - 1)[:, None])
+        # The kept prefix ends at the first token whose cumulative mass reaches top_p.
+        last = torch.searchsorted(torch.cumsum(desc, dim=-1), top_p[:, None].contiguous()).clamp_(max=vocab - 1)
+        cutoff = desc.gather(-1, last)
         cutoff = torch.where(top_p[:, None] < 1.0, cutoff, torch.zeros_like(cutoff))
         probs = probs.masked_fill(probs < cutoff, 0.0)
 
@@ -90,7 +89,11 @@ def sample_tokens(
     if not bool((probs.gather(-1, sampled) > 0).all()):  # u * total rounded up to total: take the last kept token
         last = vocab - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1, keepdim=True)
         sampled = torch.where(probs.gather(-1, sampled) > 0, sampled, last)
-    return torch.where(greedy, argmax, sampled.squeeze(-1))
+    sampled = sampled.squeeze(-1)
+    if any(greedy_rows):
+        greedy = torch.tensor(greedy_rows, device=logits.device)
+        sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return sampled
 
 
 def _descending_values(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ A request ends with ``stop`` on the stop token (128258), ``length`` when
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -24,6 +25,7 @@ import torch
 
 from mstar.errors import EmptyInputError, InvalidParameterError, InvalidRequestError, UnsupportedModalityError
 from mstar.layers.attention import AttnBatch
+from mstar.layers.graphed_decode import BucketedDecoder
 from mstar.layers.sampling import SamplingParams, sample_tokens
 from mstar.models.base import ModelRunner
 from mstar.models.orpheus.codes import WINDOW_TOKENS, CodeStream, split_window
@@ -96,9 +98,19 @@ class OrpheusRunner(ModelRunner):
             self.config = OrpheusConfig.full(model.config, snac.config, on_gpu=device.type == "cuda")
             self.tokenizer = CheckpointTokenizer(ckpt)
         cfg = self.config
-        self.cache = self.model.new_cache(cfg.num_slots, cfg.max_seq_len, device=device, dtype=dtype)
+        # Opt-in static-shape decode (CUDA graphs on CUDA, see layers/graphed_decode.py): one extra
+        # cache slot takes the padding rows. Off by default; on CPU it only pads (for tests).
+        graphs = os.environ.get("MSTAR_CUDA_GRAPHS", "") == "1"
+        self.cache = self.model.new_cache(cfg.num_slots + int(graphs), cfg.max_seq_len, device=device, dtype=dtype)
+        self.graphed: BucketedDecoder | None = None
+        if graphs:
+            scratch = self.cache.allocate()
+            assert scratch is not None
+            self.graphed = BucketedDecoder(
+                self.model, self.cache, scratch, max_batch=cfg.num_slots, compile=device.type == "cuda"
+            )
         # Tokens each slot has seen (prompt + output), for the repetition penalty, kept on the device.
-        self.seen = torch.zeros(cfg.num_slots, cfg.llama.vocab_size, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(self.cache.num_slots, cfg.llama.vocab_size, dtype=torch.bool, device=device)
         self.sample_rate = self.snac.sample_rate
         strides = cfg.snac.vq_strides
         # Output samples per frame: the finest stream has strides[0] // strides[-1] codes per frame.
@@ -161,8 +173,8 @@ class OrpheusRunner(ModelRunner):
 
     def stats(self) -> dict[str, Any]:
         return {
-            "kv_slots_used": self.cache.slots_used,
-            "kv_slots_total": self.cache.num_slots,
+            "kv_slots_used": self.cache.slots_used - int(self.graphed is not None),
+            "kv_slots_total": self.config.num_slots,
             "kv_bytes": self.cache.nbytes,
             **self.counters,
         }
@@ -220,11 +232,14 @@ class OrpheusRunner(ModelRunner):
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """One forward for every decoding request: each feeds its last sampled token."""
-        ids = torch.tensor([[r.state.pending] for r in reqs], dtype=torch.long)
-        slots = [r.state.slot for r in reqs]
-        batch = AttnBatch.build(self.cache, slots, [1] * len(reqs), device=self.device)
-        out = self.model(ids.to(self.device), self.cache, batch)
-        batch.commit(self.cache)
+        if self.graphed is not None:
+            out = self.graphed([r.state.pending for r in reqs], [r.state.slot for r in reqs])
+        else:
+            ids = torch.tensor([[r.state.pending] for r in reqs], dtype=torch.long)
+            slots = [r.state.slot for r in reqs]
+            batch = AttnBatch.build(self.cache, slots, [1] * len(reqs), device=self.device)
+            out = self.model(ids.to(self.device), self.cache, batch)
+            batch.commit(self.cache)
         self.counters["decode_forwards"] += 1
         self.last_decode_batch = len(reqs)
         return out
@@ -232,10 +247,12 @@ class OrpheusRunner(ModelRunner):
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         logits = logits.float()
         slots = torch.tensor([r.state.slot for r in reqs], device=self.device)
-        penalties = torch.tensor([r.state.sampling.repetition_penalty for r in reqs], device=self.device)[:, None]
-        # The CTRL penalty of layers/sampling.py, applied to all rows at once through the seen-token mask.
-        penalized = torch.where(logits > 0, logits / penalties, logits * penalties)
-        logits = torch.where(self.seen[slots], penalized, logits)
+        penalties = torch.tensor([r.state.sampling.repetition_penalty for r in reqs], device=self.device)
+        # The CTRL penalty of layers/sampling.py, applied in place to the seen tokens only (a few
+        # hundred per row): whole-vocabulary passes were a tenth of a 64-row step on CPU.
+        rows, toks = self.seen[slots].nonzero(as_tuple=True)
+        seen_logits, row_penalty = logits[rows, toks], penalties[rows]
+        logits[rows, toks] = torch.where(seen_logits > 0, seen_logits / row_penalty, seen_logits * row_penalty)
         picked = sample_tokens(logits, [r.state.sampling for r in reqs], [r.generator for r in reqs])
         self.seen[slots, picked] = True
         return [int(t) for t in picked.tolist()]
