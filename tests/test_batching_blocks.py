@@ -8,6 +8,7 @@ times and have different prompt lengths.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -169,3 +170,16 @@ def test_invariant_linear_rows_do_not_depend_on_the_other_rows() -> None:
                 rows = torch.cat([x[1:m][:pos], x[:1], x[1:m][pos:]])
                 assert torch.equal(invariant_linear(rows, w, bias)[pos], alone), (k, n, m, pos)
         torch.testing.assert_close(invariant_linear(x[:5, None], w, bias), torch.nn.functional.linear(x[:5, None], w, bias))
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 30.0])
+def test_top_p_cutoff_from_candidates_equals_the_full_sort(spread: float) -> None:
+    from mstar.layers.sampling import _nucleus_cutoff
+
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(50_000) * spread, dim=-1)  # from peaked to nearly flat
+    for top_p in (0.1, 0.8, 0.95):
+        desc = torch.sort(probs, descending=True).values
+        last = int(torch.searchsorted(torch.cumsum(desc, 0), torch.tensor([top_p]))[0])
+        assert _nucleus_cutoff(probs, top_p) == desc[min(last, desc.numel() - 1)]
+    assert _nucleus_cutoff(probs, 1.0) == 0

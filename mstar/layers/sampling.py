@@ -27,13 +27,18 @@ class SamplingParams:
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty on one row: divide positive logits of seen tokens, multiply negative ones."""
+    out = logits.clone()
+    _penalise_(out, history, penalty)
+    return out
+
+
+def _penalise_(row: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
+    """:func:`apply_repetition_penalty` in place on ``row``."""
     if penalty == 1.0 or history.numel() == 0:
-        return logits
+        return
     seen = torch.unique(history)
-    picked = logits.index_select(-1, seen)
-    logits = logits.clone()
-    logits.index_copy_(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
-    return logits
+    picked = row.index_select(-1, seen)
+    row.index_copy_(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
 def sample_tokens(
@@ -45,13 +50,12 @@ def sample_tokens(
     """Pick one token per row of ``logits`` [B, V]. Returns a LongTensor [B] on logits' device."""
     batch = logits.shape[0]
     logits = logits.float()
-    if histories is not None:
-        rows = []
+    if histories is not None and any(h is not None and p.repetition_penalty != 1.0 for h, p in zip(histories, params, strict=True)):
+        logits = logits.clone()  # penalised in place, row by row: one copy, not one per row
         for i in range(batch):
             hist = histories[i]
-            p = params[i].repetition_penalty
-            rows.append(apply_repetition_penalty(logits[i], hist, p) if hist is not None else logits[i])
-        logits = torch.stack(rows)
+            if hist is not None:
+                _penalise_(logits[i], hist, params[i].repetition_penalty)
 
     greedy_rows = [p.temperature <= 0 for p in params]
     if all(greedy_rows):
@@ -74,11 +78,7 @@ def sample_tokens(
         # Keep the smallest set of most likely tokens whose mass reaches top_p (the first is always
         # kept). Only the cut-off probability is needed, so the values alone are sorted; tokens tied
         # with the cut-off are all kept, which makes the set independent of sort order.
-        desc = _descending_values(probs)
-        # The kept prefix ends at the first token whose cumulative mass reaches top_p.
-        last = torch.searchsorted(torch.cumsum(desc, dim=-1), top_p[:, None].contiguous()).clamp_(max=vocab - 1)
-        cutoff = desc.gather(-1, last)
-        cutoff = torch.where(top_p[:, None] < 1.0, cutoff, torch.zeros_like(cutoff))
+        cutoff = torch.stack([_nucleus_cutoff(probs[i], float(top_p[i])) for i in range(batch)])[:, None]
         probs = probs.masked_fill(probs < cutoff, 0.0)
 
     # One uniform per row from that row's own generator: batch-invariant by construction.
@@ -94,6 +94,25 @@ def sample_tokens(
         greedy = torch.tensor(greedy_rows, device=logits.device)
         sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
     return sampled
+
+
+# Tokens below this probability are left out of the nucleus search when the tokens above it
+# already hold the top_p mass: the nucleus is a prefix of the descending order, so it lies among
+# them and the cut-off is the same, but a few thousand values sort far faster than a vocabulary.
+_CANDIDATE_MIN_PROB = 1e-6
+
+
+def _nucleus_cutoff(row: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest probability kept by top-p on ``row`` [V] (0 keeps everything)."""
+    if top_p >= 1.0:
+        return row.new_zeros(())
+    candidates = row[row >= _CANDIDATE_MIN_PROB]
+    if float(candidates.sum()) < top_p:  # mass spread thin: search the whole row
+        candidates = row
+    desc = _descending_values(candidates[None])[0]
+    # The kept prefix ends at the first token whose cumulative mass reaches top_p.
+    last = torch.searchsorted(torch.cumsum(desc, dim=-1), torch.tensor([top_p])).clamp_(max=desc.numel() - 1)
+    return desc[last[0]]
 
 
 def _descending_values(x: torch.Tensor) -> torch.Tensor:
