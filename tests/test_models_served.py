@@ -7,7 +7,6 @@ import base64
 import io
 import wave
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,38 +14,16 @@ import openai
 import pytest
 import requests
 
-import mstar
-from mstar import MStarClient, TensorChunk
-from mstar.server import create_app
+from mstar import TensorChunk
 from tests.fixtures.vjepa2_media import make_mp4, make_png
-from tests.test_server_support import ServerThread
-
-
-class Served:
-    def __init__(self, model: str, upload_dir: Path) -> None:
-        self.engine = mstar.Engine(model, weights="tiny", device="cpu")
-        self.server = ServerThread(create_app(self.engine, upload_dir=upload_dir)).__enter__()
-        self.openai = openai.OpenAI(base_url=self.server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        self.client = MStarClient(self.server.url, timeout=120)
-
-    def close(self) -> None:
-        self.server.__exit__(None, None, None)
-        self.engine.close()
+from tests.test_server_support import serving
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     upload_dir = tmp_path_factory.mktemp("uploads")
-    cache: dict[str, Served] = {}
-
-    def get(model: str) -> Served:
-        if model not in cache:
-            cache[model] = Served(model, upload_dir)
-        return cache[model]
-
-    yield get
-    for s in cache.values():
-        s.close()
+    with serving(upload_dir) as get:
+        yield get
     assert list(upload_dir.iterdir()) == [], "uploads must be deleted when their request ends"
 
 
@@ -57,7 +34,7 @@ QWEN_SHORT = {"talker_max_output_tokens": 12, "seed": 5}
 
 def test_qwen3_omni_chat_answers_with_text_over_openai(served: Any) -> None:
     s = served("qwen3_omni")
-    out = s.openai.chat.completions.create(
+    out = s.client.chat.completions.create(
         model="qwen3_omni", messages=[{"role": "user", "content": "Hello!"}], max_tokens=6, extra_body={"seed": 5}
     )
     assert out.choices[0].message.content and out.choices[0].message.audio is None
@@ -66,7 +43,7 @@ def test_qwen3_omni_chat_answers_with_text_over_openai(served: Any) -> None:
 
 def test_qwen3_omni_chat_returns_text_and_wav_audio_over_openai(served: Any) -> None:
     s = served("qwen3_omni")
-    out = s.openai.chat.completions.create(
+    out = s.client.chat.completions.create(
         model="qwen3_omni",
         messages=[{"role": "user", "content": "Say something."}],
         modalities=["text", "audio"],
@@ -82,7 +59,7 @@ def test_qwen3_omni_chat_returns_text_and_wav_audio_over_openai(served: Any) -> 
 
 def test_qwen3_omni_chat_streams_text_and_audio_deltas_over_openai(served: Any) -> None:
     s = served("qwen3_omni")
-    stream = s.openai.chat.completions.create(
+    stream = s.client.chat.completions.create(
         model="qwen3_omni",
         messages=[{"role": "user", "content": "Say something."}],
         modalities=["text", "audio"],
@@ -108,7 +85,7 @@ def test_qwen3_omni_chat_streams_text_and_audio_deltas_over_openai(served: Any) 
 
 def test_qwen3_omni_speech_route_returns_audio(served: Any) -> None:
     s = served("qwen3_omni")
-    out = s.openai.audio.speech.create(
+    out = s.client.audio.speech.create(
         model="qwen3_omni", input="Hello there", voice="Ethan", response_format="wav",
         extra_body={**QWEN_SHORT, "max_output_tokens": 6},
     )
@@ -118,7 +95,7 @@ def test_qwen3_omni_speech_route_returns_audio(served: Any) -> None:
 
 def test_qwen3_omni_generate_accepts_an_image_upload(served: Any) -> None:
     s = served("qwen3_omni")
-    res = s.client.chat("What is this?", images=("pic.png", make_png(32, 32)), max_output_tokens=4, seed=1)
+    res = s.sdk.chat("What is this?", images=("pic.png", make_png(32, 32)), max_output_tokens=4, seed=1)
     local = s.engine.chat("What is this?", images=("pic.png", make_png(32, 32)), max_output_tokens=4, seed=1)
     assert res.text == local.text and res.text
 
@@ -128,7 +105,7 @@ def test_qwen3_omni_generate_accepts_an_image_upload(served: Any) -> None:
 
 def test_bagel_chats_over_openai(served: Any) -> None:
     s = served("bagel")
-    out = s.openai.chat.completions.create(
+    out = s.client.chat.completions.create(
         model="bagel", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, extra_body={"seed": 1}
     )
     assert out.choices[0].message.content is not None and out.choices[0].finish_reason in ("stop", "length")
@@ -147,7 +124,7 @@ def test_pi05_actions_through_the_client_have_the_advertised_shape(served: Any) 
         "seed": 3,
         "output_modalities": ("action",),
     }
-    res = s.client.generate(**args)
+    res = s.sdk.generate(**args)
     (chunk,) = res.tensors
     assert isinstance(chunk, TensorChunk) and chunk.modality == "action"
     actions = chunk.to_numpy()
@@ -158,17 +135,17 @@ def test_pi05_actions_through_the_client_have_the_advertised_shape(served: Any) 
 def test_pi05_has_no_openai_surface(served: Any) -> None:
     s = served("pi05")
     with pytest.raises(openai.NotFoundError) as info:
-        s.openai.chat.completions.create(model="pi05", messages=[{"role": "user", "content": "hi"}])
+        s.client.chat.completions.create(model="pi05", messages=[{"role": "user", "content": "hi"}])
     body = info.value.response.json()
     assert set(body["error"]) >= {"message", "type", "param", "code"} and isinstance(body["error"]["code"], str)
-    r = requests.get(s.server.url + "/v1/models")
+    r = requests.get(s.url + "/v1/models")
     assert r.status_code == 200
 
 
 def test_vjepa2_latents_through_the_client_have_the_advertised_shape(served: Any) -> None:
     s = served("vjepa2")
     clip = ("clip.mp4", make_mp4(8, 32, 32))
-    res = s.client.generate(video=clip, output_modalities=("latent",))
+    res = s.sdk.generate(video=clip, output_modalities=("latent",))
     (chunk,) = res.tensors
     assert chunk.modality == "latent" and chunk.to_numpy().ndim == 2
     local = s.engine.generate(video=clip, output_modalities=("latent",)).tensors[0]
@@ -181,11 +158,11 @@ def test_vjepa2_ac_rollout_through_the_client_has_the_advertised_shape(served: A
     rng = np.random.default_rng(0)
     states = (rng.normal(size=(2, 7)) * 0.1).tolist()
     actions = (rng.normal(size=(3, 7)) * 0.05).tolist()
-    stream = s.client.stream(
+    stream = s.sdk.stream(
         video=("clip.mp4", make_mp4(4, 40, 48, seed=7)), mode="rollout", states=states, actions=actions,
         output_modalities=("latent",),
     )
     chunks = [e for e in stream if isinstance(e, TensorChunk)]
     assert len(chunks) == 1 and chunks[0].shape[0] == 3 and chunks[0].to_numpy().shape == chunks[0].shape
-    r = requests.post(s.server.url + "/v1/chat/completions", json={"model": "vjepa2_ac", "messages": []})
+    r = requests.post(s.url + "/v1/chat/completions", json={"model": "vjepa2_ac", "messages": []})
     assert r.status_code == 404 and "error" in r.json()

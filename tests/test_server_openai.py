@@ -6,7 +6,6 @@ import base64
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import av
@@ -16,44 +15,19 @@ import pytest
 import requests
 
 import mstar
-from mstar.server import create_app
-from tests.test_server_support import ORPHEUS_RUNNER, ServerThread, png_bytes
+from tests.test_server_support import ORPHEUS_RUNNER, Served, png_bytes, serving
 
 SPEECH_FORMATS = ["wav", "pcm", "flac", "mp3", "opus", "aac"]
 # Keep the tiny Orpheus short: six SNAC frames of seven tokens each.
 SHORT = {"max_output_tokens": 42}
 
 
-class Served:
-    """One model behind one server, with an OpenAI client pointed at it."""
-
-    def __init__(self, model: str, upload_dir: Path) -> None:
-        self.model = model
-        self.engine = mstar.Engine(model, weights="tiny")
-        self.upload_dir = upload_dir
-        self.server = ServerThread(create_app(self.engine, upload_dir=upload_dir)).__enter__()
-        self.url = self.server.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-    def close(self) -> None:
-        self.server.__exit__(None, None, None)
-        self.engine.close()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``served(model)``: a server for ``model``, started once per module."""
     upload_dir = tmp_path_factory.mktemp("uploads")
-    cache: dict[str, Served] = {}
-
-    def get(model: str) -> Served:
-        if model not in cache:
-            cache[model] = Served(model, upload_dir)
-        return cache[model]
-
-    yield get
-    for s in cache.values():
-        s.close()
+    with serving(upload_dir) as get:
+        yield get
     assert list(upload_dir.iterdir()) == [], "uploads must be deleted when their request ends"
 
 

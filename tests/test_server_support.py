@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -156,3 +158,43 @@ register_adapter("fakeimg", FakeImageAdapter)
 # Same runner as "fake", but no adapter: a model whose outputs have no OpenAI shape.
 register_model(ModelInfo("fake_noapi", "test double without an OpenAI surface", "none/fake_noapi", ("text",), ("text",),
                          "tests.fake_model:FakeRunner"))
+
+
+class Served:
+    """One tiny model behind one real server, with an ``openai`` client (``client``) and an
+    :class:`~mstar.MStarClient` (``sdk``) pointed at it."""
+
+    def __init__(self, model: str, upload_dir: Path) -> None:
+        import openai
+
+        import mstar
+        from mstar.server import create_app
+
+        self.model = model
+        self.engine = mstar.Engine(model, weights="tiny", device="cpu")
+        self.upload_dir = upload_dir
+        self.server = ServerThread(create_app(self.engine, upload_dir=upload_dir)).__enter__()
+        self.url = self.server.url
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        self.sdk = mstar.MStarClient(self.url, timeout=120)
+
+    def close(self) -> None:
+        self.server.__exit__(None, None, None)
+        self.engine.close()
+
+
+@contextlib.contextmanager
+def serving(upload_dir: Path) -> Iterator[Callable[[str], Served]]:
+    """``get(model)`` starts a server for ``model`` on first use; all are stopped on exit."""
+    cache: dict[str, Served] = {}
+
+    def get(model: str) -> Served:
+        if model not in cache:
+            cache[model] = Served(model, upload_dir)
+        return cache[model]
+
+    try:
+        yield get
+    finally:
+        for served in cache.values():
+            served.close()
