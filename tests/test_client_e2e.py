@@ -8,20 +8,11 @@ Orpheus when it is available.
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
-
-try:
-    from mstar.server.app import create_app
-except ImportError as exc:  # the server is written in parallel: skip only while it is missing
-    pytest.skip(f"mstar.server.app.create_app is not importable yet ({exc})", allow_module_level=True)
-
-import uvicorn
 
 import tests.fake_model  # noqa: F401  (registers the "fake" family)
 from mstar import Engine, errors
@@ -30,7 +21,9 @@ from mstar.models.base import ModelRunner
 from mstar.models.params import Param
 from mstar.registry import ModelInfo, register_model
 from mstar.request import Request
+from mstar.server.app import create_app
 from mstar.types import AudioChunk, Event, Finished, GenerateResult, TextChunk
+from tests.test_server_support import ServerThread
 
 # ----------------------------------------------------------------------------- a family that fails mid-stream
 
@@ -71,33 +64,13 @@ register_model(
 # ----------------------------------------------------------------------------- a server in a thread
 
 
-class LiveServer:
+class LiveServer(ServerThread):
     """uvicorn serving ``create_app(engine)`` on a free port of 127.0.0.1."""
 
     def __init__(self, engine: Engine, **settings: Any) -> None:
         self.engine = engine
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.app = create_app(engine, **settings)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(self.app)
 
 
 @pytest.fixture(scope="module")
