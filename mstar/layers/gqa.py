@@ -1,7 +1,7 @@
 """Grouped-query self-attention on the shared slot KV cache, with optional QK-norm.
 
 The projection and head layout of Llama-style decoders (``q_proj``,
-``k_proj``, ``v_proj``, ``o_proj``, no biases; Qwen3 adds per-head
+``k_proj``, ``v_proj``, ``o_proj``, biases optional; Qwen3 adds per-head
 ``q_norm``/``k_norm`` RMSNorms before RoPE). The attention itself is
 :func:`~mstar.layers.attention.cached_attention`; rotary cos/sin come from the
 caller, computed once per step and shared by all layers.
@@ -15,7 +15,7 @@ from torch import nn
 from mstar.layers.attention import AttnBatch, cached_attention
 from mstar.layers.invariant import BatchInvariantLinear
 from mstar.layers.kv_cache import KVCache
-from mstar.layers.llama import RMSNorm
+from mstar.layers.norms import RMSNorm
 from mstar.layers.rotary import apply_rotary
 
 __all__ = ["GQAttention"]
@@ -38,13 +38,14 @@ class GQAttention(nn.Module):
         *,
         linear: type[nn.Linear] = BatchInvariantLinear,
         qk_norm_eps: float | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = linear(hidden, num_heads * head_dim, bias=False)
-        self.k_proj = linear(hidden, num_kv_heads * head_dim, bias=False)
-        self.v_proj = linear(hidden, num_kv_heads * head_dim, bias=False)
-        self.o_proj = linear(num_heads * head_dim, hidden, bias=False)
+        self.q_proj = linear(hidden, num_heads * head_dim, bias=bias)
+        self.k_proj = linear(hidden, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = linear(hidden, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = linear(num_heads * head_dim, hidden, bias=bias)
         self.q_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps)
         self.k_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps)
 

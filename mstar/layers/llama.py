@@ -17,13 +17,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mstar.layers.attention import AttnBatch, cached_attention
+from mstar.layers.attention import AttnBatch
+from mstar.layers.gqa import GQAttention
 from mstar.layers.invariant import BatchInvariantLinear as Linear
 from mstar.layers.kv_cache import KVCache
-from mstar.layers.rotary import apply_rotary, rope_inv_freq
+from mstar.layers.mlp import GatedMLP
+from mstar.layers.norms import RMSNorm
+from mstar.layers.rotary import rope_inv_freq
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "RMSNorm"]
 
@@ -79,73 +81,21 @@ class LlamaConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 like the reference implementation."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
-class LlamaAttention(nn.Module):
-    """Grouped-query attention with RoPE, reading and writing the shared slot cache."""
-
-    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, self.num_kv * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, batch: AttnBatch
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q, k, v, cache, self.layer, batch, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-
-
-class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward."""
-
-    def __init__(self, cfg: LlamaConfig) -> None:
-        super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer)
-        self.mlp = LlamaMLP(cfg)
+        self.layer = layer
+        self.self_attn = GQAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=cfg.attention_bias
+        )
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, batch: AttnBatch
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

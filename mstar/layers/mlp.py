@@ -30,7 +30,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))``, no biases.
+    """``down(act(gate(x)) * up(x))``, biases optional (off by default).
 
     ``linear`` picks the projection class: :class:`BatchInvariantLinear` (the
     default) for decoders whose seeded sampling must not depend on the batch,
@@ -44,12 +44,13 @@ class GatedMLP(nn.Module):
         *,
         act: Activation = F.silu,
         linear: type[nn.Linear] = BatchInvariantLinear,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.act = act
-        self.gate_proj = linear(hidden, intermediate, bias=False)
-        self.up_proj = linear(hidden, intermediate, bias=False)
-        self.down_proj = linear(intermediate, hidden, bias=False)
+        self.gate_proj = linear(hidden, intermediate, bias=bias)
+        self.up_proj = linear(hidden, intermediate, bias=bias)
+        self.down_proj = linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -14,9 +14,9 @@ from torch import nn
 
 from mstar.layers.attention import AttnBatch, cached_attention
 from mstar.layers.kv_cache import KVCache
-from mstar.layers.llama import RMSNorm
 from mstar.layers.mlp import GatedMLP
 from mstar.layers.mot import Routing, route
+from mstar.layers.norms import RMSNorm
 from mstar.layers.rotary import RotaryEmbedding, apply_rotary
 from mstar.models.bagel.config import LLMConfig
 

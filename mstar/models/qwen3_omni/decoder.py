@@ -18,9 +18,9 @@ from torch import nn
 from mstar.layers.attention import AttnBatch
 from mstar.layers.gqa import GQAttention
 from mstar.layers.kv_cache import KVCache
-from mstar.layers.llama import RMSNorm
 from mstar.layers.mlp import GatedMLP
 from mstar.layers.moe import SparseMoE
+from mstar.layers.norms import RMSNorm
 
 __all__ = ["DecoderLayer", "RMSNorm", "StackOutput", "run_layers"]
 
