@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from unittest import mock
 
@@ -41,19 +41,15 @@ from mstar.models.orpheus.config import (
 )
 
 #: Real vocabulary and layout; width and depth small enough for a 2-core CPU.
-BENCH_LLAMA = LlamaConfig(
-    vocab_size=156940,
+BENCH_LLAMA = replace(
+    FULL_LLAMA,
     hidden_size=512,
     intermediate_size=1536,
     num_hidden_layers=4,
     num_attention_heads=8,
     num_key_value_heads=2,
     head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
     rope_scaling=dict(FULL_LLAMA.rope_scaling or {}),
-    max_position_embeddings=131072,
-    tie_word_embeddings=True,
 )
 #: The 24 kHz codec's structure (hop, strides, 2048 samples per frame) at 1/16 of its width:
 #: the published width (1024) takes ~2 s per 4-frame window on this 2-core CPU.

@@ -16,8 +16,10 @@ samples whatever else shares the batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -244,18 +246,37 @@ class SNACDecoder(nn.Module):
         # shares its batch (by float rounding); the native CPU kernels are batch-invariant and, for
         # these 1-D convolutions, no slower. The switch is process-wide for the call's duration.
         on_cpu = codes[0].device.type == "cpu"
-        mkldnn_was = torch._C._get_mkldnn_enabled()
-        if on_cpu:
-            torch._C._set_mkldnn_enabled(False)
         try:
             # Weight norm recomputes each weight on every access; cache them for this call.
-            with parametrize.cached():
+            with _mkldnn_off() if on_cpu else contextlib.nullcontext(), parametrize.cached():
                 return self.decoder(self.quantizer(codes))
         finally:
-            if on_cpu:
-                torch._C._set_mkldnn_enabled(mkldnn_was)
             for m in noise_blocks:
                 m.generators = None
 
     def forward(self, codes: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.decode(codes)
+
+
+_mkldnn_lock = threading.Lock()
+_mkldnn_users = 0
+_mkldnn_was = True
+
+
+@contextlib.contextmanager
+def _mkldnn_off() -> Iterator[None]:
+    """Switch oneDNN off while any decode runs (the switch is process-wide, so concurrent decodes
+    share it: the last one out restores the setting found by the first one in)."""
+    global _mkldnn_users, _mkldnn_was
+    with _mkldnn_lock:
+        if _mkldnn_users == 0:
+            _mkldnn_was = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+        _mkldnn_users += 1
+    try:
+        yield
+    finally:
+        with _mkldnn_lock:
+            _mkldnn_users -= 1
+            if _mkldnn_users == 0:
+                torch._C._set_mkldnn_enabled(_mkldnn_was)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mstar.codecs.snac import SNAC_24KHZ, SNACConfig
 from mstar.layers.llama import LlamaConfig
@@ -77,18 +77,15 @@ FULL_LLAMA = LlamaConfig(
 
 #: Same layout and vocabulary (so the special ids are the real ones), a toy width.
 #: Untied head: the tiny weights steer embeddings and head separately (see weights.py).
-TINY_LLAMA = LlamaConfig(
-    vocab_size=156940,
+TINY_LLAMA = replace(
+    FULL_LLAMA,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
     rope_scaling=dict(FULL_LLAMA.rope_scaling or {}),
-    max_position_embeddings=131072,
     tie_word_embeddings=False,
 )
 
