@@ -21,32 +21,20 @@ from mstar.errors import (
 )
 from mstar.media import MediaArg, normalize_media
 from mstar.models.base import ModelRunner
+from mstar.protocol import check_request_id, parse_modalities
 from mstar.registry import ModelInfo, get_model_info, load_runner_class
 from mstar.request import Request, RequestInputs
 from mstar.scheduler import Scheduler
+from mstar.settings import RunnerSettings
 from mstar.types import Event, Finished, GenerateResult
 
 __all__ = ["Engine", "EventStream"]
 
 log = logging.getLogger("mstar.engine")
 
-_MEDIA_MODALITIES = ("image", "audio", "video")
-
-
 def derive_seed(request_id: str) -> int:
     """The seed of a request that names none: stable for a given request id."""
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:4], "little") & 0x7FFFFFFF
-
-
-def _modalities(value: Sequence[str] | str | None, name: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [v for v in value.split(",")]
-    out = tuple(v.strip().lower() for v in value if v and v.strip())
-    if not out:
-        raise InvalidRequestError(f"{name} must name at least one modality", param=name)
-    return out
 
 
 class EventStream(ClosingStream):
@@ -109,6 +97,13 @@ class Engine(GenerateSugar[EventStream]):
     Several threads may call :meth:`generate` at once; requests share one
     scheduler loop that batches them. ``stream``, ``chat``, ``tts``,
     ``generate_image`` and ``edit_image`` are sugar over :meth:`generate`.
+
+    Sizing (see :mod:`mstar.settings`; ``None`` keeps the family's default):
+    ``max_batch_size`` requests run at once (for autoregressive families, the
+    KV cache slots), ``max_seq_len`` positions each, ``prefill_chunk`` prompt
+    tokens are prefilled per step, ``cuda_graphs`` turns on static-shape
+    decode. ``max_queue`` requests may wait beyond those; ``request_timeout``
+    is the default per-request deadline in seconds.
     """
 
     def __init__(
@@ -118,17 +113,30 @@ class Engine(GenerateSugar[EventStream]):
         weights: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int | None = None,
+        max_seq_len: int | None = None,
+        prefill_chunk: int | None = None,
+        cuda_graphs: bool | None = None,
         max_queue: int = 1024,
         request_timeout: float | None = 600.0,
     ) -> None:
         self.info: ModelInfo = get_model_info(model)
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _parse_dtype(dtype, self.device)
+        self.settings = RunnerSettings(
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            prefill_chunk=prefill_chunk,
+            cuda_graphs=cuda_graphs,
+        )
         self.request_timeout = request_timeout
         runner_cls = load_runner_class(model)
-        self.runner: ModelRunner = runner_cls(weights=weights if weights is not None else self.info.hub_id, device=self.device, dtype=self.dtype)
-        self.scheduler = Scheduler(self.runner, max_active=max_batch_size, max_waiting=max_queue)
+        self.runner: ModelRunner[Any, Any] = runner_cls(
+            weights=weights if weights is not None else self.info.hub_id, settings=self.settings
+        )
+        self.scheduler = Scheduler(self.runner, max_active=self.runner.sizing.max_batch_size, max_waiting=max_queue)
         self._closed = False
 
     # ------------------------------------------------------------------ public API
@@ -190,10 +198,12 @@ class Engine(GenerateSugar[EventStream]):
         return self.scheduler.cancel(request_id)
 
     def stats(self) -> dict[str, Any]:
-        """Scheduler and runner accounting: in-flight counts, KV slots held, cancel latencies."""
+        """Scheduler and runner accounting: in-flight counts, cancel latencies, and the runner's
+        :class:`~mstar.stats.RunnerStats` (KV slots and bytes, batched calls per component)."""
         return self.scheduler.stats()
 
     def close(self) -> None:
+        """Stop the scheduler (requests still running fail with ServiceError) and free the model."""
         if not self._closed:
             self._closed = True
             self.scheduler.close()
@@ -231,7 +241,7 @@ class Engine(GenerateSugar[EventStream]):
             audio=normalize_media(audio, "audio"),
             video=normalize_media(video, "video"),
         )
-        outs = _modalities(output_modalities, "output_modalities") or ("text",)
+        outs = parse_modalities(output_modalities, "output_modalities") or ("text",)
         cannot = [m for m in outs if m not in self.info.output_modalities]
         if cannot:
             raise UnsupportedModalityError(
@@ -242,7 +252,7 @@ class Engine(GenerateSugar[EventStream]):
         present = inputs.modalities()
         if not present or (present == ("text",) and not (text or "").strip() and not messages):
             raise EmptyInputError("the request has no input: give text, messages or media", param="text")
-        declared = _modalities(input_modalities, "input_modalities")
+        declared = parse_modalities(input_modalities, "input_modalities")
         if declared is not None:
             missing = [m for m in declared if m not in present]
             if missing:
@@ -262,18 +272,18 @@ class Engine(GenerateSugar[EventStream]):
             raise UnknownParameterError(unknown, self.accepted_kwargs())
         seed_arg = kwargs.pop("seed", None)
         timeout_arg = kwargs.pop("timeout", None)
-        rid = request_id or uuid.uuid4().hex
-        if not isinstance(rid, str) or len(rid) > 256:
-            raise InvalidRequestError("request_id must be a string of at most 256 characters", param="request_id")
+        rid = check_request_id(request_id or uuid.uuid4().hex)
         seed = _parse_seed(seed_arg) if seed_arg is not None else derive_seed(rid)
         timeout = _parse_timeout(timeout_arg, self.request_timeout)
         params = self.runner.validate(inputs, outs, kwargs)
+        prepared = self.runner.prepare(inputs, outs, params)
         return Request(
             rid,
             inputs,
             input_modalities=present,
             output_modalities=outs,
             params=params,
+            prepared=prepared,
             seed=seed,
             timeout=timeout,
             device=self.device,

@@ -29,6 +29,9 @@ class ModelInfo:
     input_modalities: tuple[str, ...]
     output_modalities: tuple[str, ...]
     runner: str  # "package.module:ClassName", imported lazily
+    #: Speaker names the model knows (the one list adapters, runners and /v1/audio/voices read).
+    voices: tuple[str, ...] = ()
+    default_voice: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -37,6 +40,8 @@ class ModelInfo:
             "hub_id": self.hub_id,
             "input_modalities": list(self.input_modalities),
             "output_modalities": list(self.output_modalities),
+            "voices": list(self.voices),
+            "default_voice": self.default_voice,
         }
 
 
@@ -50,6 +55,8 @@ _MODELS: dict[str, ModelInfo] = {
             input_modalities=("text",),
             output_modalities=("audio",),
             runner="mstar.models.orpheus.runner:OrpheusRunner",
+            voices=("tara", "zoe", "zac", "jess", "leo", "mia", "julia", "leah"),
+            default_voice="tara",
         ),
         ModelInfo(
             name="pi05",
@@ -90,6 +97,9 @@ _MODELS: dict[str, ModelInfo] = {
             input_modalities=("text", "image", "audio", "video"),
             output_modalities=("text", "audio"),
             runner="mstar.models.qwen3_omni.runner:Qwen3OmniRunner",
+            # The published Talker's speaker table (talker_config.speaker_id), in its order.
+            voices=("Chelsie", "Ethan", "Aiden"),
+            default_voice="Ethan",
         ),
     )
 }

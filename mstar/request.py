@@ -46,9 +46,12 @@ class RequestInputs:
 class Request:
     """A request as the scheduler and the model runner see it.
 
-    The runner keeps its own per-request data in ``state`` and reports output
-    through :meth:`emit`, :meth:`finish` and :meth:`fail`. The consumer reads
-    ``events``: typed events, then exactly one ``Finished`` or one exception.
+    ``params`` holds the user's validated model kwargs only; the runner's own
+    data lives apart from them, in ``prepared`` (made by ``runner.prepare`` in
+    the caller's thread) and ``state`` (set by ``runner.admit``), each typed by
+    the runner (see :class:`mstar.models.base.ModelRunner`). The runner reports
+    output through :meth:`emit`, :meth:`finish` and :meth:`fail`. The consumer
+    reads ``events``: typed events, then exactly one ``Finished`` or one exception.
     """
 
     __slots__ = (
@@ -57,6 +60,7 @@ class Request:
         "input_modalities",
         "output_modalities",
         "params",
+        "prepared",
         "seed",
         "generator",
         "events",
@@ -83,6 +87,7 @@ class Request:
         output_modalities: tuple[str, ...],
         params: dict[str, Any],
         seed: int,
+        prepared: object = None,
         timeout: float | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -91,12 +96,13 @@ class Request:
         self.input_modalities = input_modalities
         self.output_modalities = output_modalities
         self.params = params
+        self.prepared = prepared
         self.seed = seed
         gen_device = torch.device(device)
         self.generator = torch.Generator(device=gen_device if gen_device.type == "cuda" else "cpu")
         self.generator.manual_seed(seed)
         self.events: queue.Queue[Event | BaseException] = queue.Queue()
-        self.state: Any = None
+        self.state: object = None
         self.steps = 0
         self.input_tokens = 0
         self.output_tokens = 0

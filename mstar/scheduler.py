@@ -31,7 +31,7 @@ EARLY_CANCEL_TTL_S = 10.0
 class Scheduler:
     """Runs ``runner.step`` over the active requests on a background thread."""
 
-    def __init__(self, runner: ModelRunner, *, max_active: int = 64, max_waiting: int = 1024) -> None:
+    def __init__(self, runner: ModelRunner[Any, Any], *, max_active: int = 64, max_waiting: int = 1024) -> None:
         self.runner = runner
         self.max_active = max_active
         self.max_waiting = max_waiting
@@ -94,7 +94,7 @@ class Scheduler:
                 "active": len(self._active),
                 "steps": self._step_count,
                 "cancel_latencies": lat,  # (model steps, seconds) from cancel to stop
-                **self.runner.stats(),
+                **self.runner.stats().to_dict(),
             }
 
     def close(self, timeout: float = 10.0) -> None:

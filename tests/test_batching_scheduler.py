@@ -132,7 +132,7 @@ def test_a_cancelled_request_leaves_the_others_intact(engine: mstar.Engine) -> N
     assert _drain(victim).finish_reason == "cancelled"
     assert _pcm(_drain(a)) == _pcm(solo[21])
     assert _pcm(_drain(b)) == _pcm(solo[23])
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0
 
 
 def test_a_failing_request_leaves_the_others_intact(engine: mstar.Engine) -> None:
@@ -148,7 +148,7 @@ def test_a_failing_request_leaves_the_others_intact(engine: mstar.Engine) -> Non
         _drain(bad)
     assert _pcm(_drain(a)) == _pcm(solo[31])
     assert _pcm(_drain(b)) == _pcm(solo[33])
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0
 
 
 def test_requests_joining_mid_flight_match_their_solo_runs(engine: mstar.Engine) -> None:
@@ -178,7 +178,7 @@ def test_when_slots_run_out_requests_wait_and_all_complete() -> None:
         for s, res in results.items():  # ... and none lost or changed by waiting
             assert res.finish_reason == "length" and _pcm(res) == _pcm(solo[s])
         st = _wait_idle(eng)
-        assert st["slots_held"] == 0 and st["waiting"] == 0 and st["active"] == 0
+        assert st["kv_slots_used"] == 0 and st["waiting"] == 0 and st["active"] == 0
 
 
 def test_concurrent_callers_from_many_threads_all_complete(engine: mstar.Engine) -> None:
@@ -196,4 +196,4 @@ def test_concurrent_callers_from_many_threads_all_complete(engine: mstar.Engine)
     for t in threads:
         t.join(10)
     assert {s: _pcm(r) for s, r in got.items()} == {s: _pcm(r) for s, r in solo.items()}
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0

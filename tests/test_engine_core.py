@@ -27,7 +27,7 @@ def _wait_idle(engine: Engine, timeout: float = 5.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = engine.stats()
-        if stats["inflight"] == 0 and stats["slots_held"] == 0:
+        if stats["inflight"] == 0 and stats["kv_slots_used"] == 0:
             return stats
         time.sleep(0.01)
     raise AssertionError(f"engine did not go idle: {engine.stats()}")

@@ -79,7 +79,7 @@ def _wait_idle(engine: mstar.Engine, timeout: float = 5.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         st = engine.stats()
-        if (st["inflight"] == 0 and st["slots_held"] == 0) or time.monotonic() > deadline:
+        if (st["inflight"] == 0 and st["kv_slots_used"] == 0) or time.monotonic() > deadline:
             return st
         time.sleep(0.02)
 
@@ -115,7 +115,7 @@ def test_failing_step_ends_its_stream_with_an_error_line_and_spares_the_other(se
     assert 1 <= sum(1 for line in bad if line["modality"] == "text") < 30, "it streamed, then stopped at the fault"
     assert good[-1]["modality"] == "done" and good[-1]["metadata"]["finish_reason"] == "length"
     assert sum(1 for line in good if line["modality"] == "text") == 30
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0
     _serves(server.url)
 
 
@@ -126,7 +126,7 @@ def test_failing_step_answers_a_json_request_with_an_openai_shaped_500(server: A
     assert r.status_code == 500
     err = r.json()["error"]
     assert err["code"] == "model_error" and err["type"] == "server_error" and INJECTED in err["message"]
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0
     _serves(server.url)
 
 
@@ -154,7 +154,7 @@ def test_failing_step_in_openai_chat_stream_sends_an_sse_error(server: Any, engi
     assert r.status_code == 500 and r.json()["error"]["code"] == "model_error"
     assert len(seen) == 2
     monkeypatch.undo()
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0
     r = _chat(server.url, stream=False)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
 
@@ -216,7 +216,7 @@ def test_slow_reader_does_not_block_other_clients(server: Any, engine: mstar.Eng
     finally:
         requests.post(server.url + "/cancel/slow-reader", timeout=10)
         sock.close()
-    assert _wait_idle(engine)["slots_held"] == 0
+    assert _wait_idle(engine)["kv_slots_used"] == 0
 
 
 def test_slow_reader_that_disconnects_is_cancelled(server: Any, engine: mstar.Engine) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from mstar.codecs.snac import SNAC_24KHZ, SNACConfig
 from mstar.layers.llama import LlamaConfig
+from mstar.registry import get_model_info
 
 __all__ = [
     "AUDIO_TOKEN_BASE",
@@ -45,8 +46,9 @@ CODES_PER_FRAME = 7
 #: SNAC decodes a sliding window of this many frames and keeps the second one.
 WINDOW_FRAMES = 4
 
-VOICES = ("tara", "zoe", "zac", "jess", "leo", "mia", "julia", "leah")
-DEFAULT_VOICE = "tara"
+# The voice list lives in the registry (torch-free), so adapters and /v1/audio/voices read the same one.
+VOICES = get_model_info("orpheus").voices
+DEFAULT_VOICE = get_model_info("orpheus").default_voice or VOICES[0]
 
 # ---- sampling defaults of the reference system
 TEMPERATURE = 0.6

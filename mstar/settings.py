@@ -1,0 +1,73 @@
+"""How a runner is sized and placed: the one way serving settings reach a model runner.
+
+``Engine(...)`` builds a :class:`RunnerSettings` from its keyword arguments and
+``mstar-server`` from its flags; every runner receives it in its constructor
+and resolves the fields left at ``None`` against its family's defaults with
+:meth:`RunnerSettings.resolve`. Runners never read environment variables.
+
+=================  ==========================================================
+field              meaning
+=================  ==========================================================
+``device``         where the weights, the KV cache and the sampling live
+``dtype``          the weights' and activations' dtype
+``max_batch_size`` requests running at once; for the autoregressive families
+                   this is also the number of KV cache slots
+``max_seq_len``    positions per request in the KV cache (prompt + output)
+``prefill_chunk``  prompt tokens prefilled per step, across requests, so that
+                   running requests keep decoding while a long prompt loads
+``cuda_graphs``    static-shape decode (CUDA graphs on CUDA, padding on CPU)
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from mstar.errors import InvalidParameterError
+
+__all__ = ["RunnerSettings", "Sizing"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    """A runner's resolved limits: its family defaults with the user's overrides applied."""
+
+    max_batch_size: int
+    max_seq_len: int
+    prefill_chunk: int = 512
+    cuda_graphs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """Serving settings for one runner; ``None`` means "the family's default"."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
+    prefill_chunk: int | None = None
+    cuda_graphs: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}", param=name)
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise InvalidParameterError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}", param="cuda_graphs")
+
+    def resolve(self, defaults: Sizing) -> Sizing:
+        """``defaults`` with every field this object sets replacing the family's value."""
+        overrides = {
+            name: getattr(self, name)
+            for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "cuda_graphs")
+            if getattr(self, name) is not None
+        }
+        return replace(defaults, **overrides)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
