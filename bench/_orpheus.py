@@ -150,6 +150,7 @@ def bench_engine(
     max_seq_len: int = 1024,
     models: BenchModels | None = None,
     force: bool = True,
+    cuda_graphs: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """An Engine running Orpheus at ``size`` with random weights; returns it and a description."""
     import mstar
@@ -158,13 +159,16 @@ def bench_engine(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     models = models or bench_models(size, device=dev, dtype=dt, baseline=False)
-    config = OrpheusConfig(models.llama_cfg, models.snac_cfg, num_slots=max_batch_size, max_seq_len=max_seq_len)
+    config = OrpheusConfig(models.llama_cfg, models.snac_cfg)
     # The runner builds the tiny variant from OrpheusConfig.tiny() and build_tiny(); hand it the
     # bench config and modules instead, so everything after construction is the product path.
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(runner_mod.OrpheusConfig, "tiny", classmethod(lambda cls: config)))
         stack.enter_context(mock.patch.object(runner_mod, "build_tiny", lambda *a, **k: (models.lm, models.snac)))
-        engine = mstar.Engine("orpheus", weights="tiny", device=dev, dtype=dt, max_batch_size=max_batch_size, max_queue=4096)
+        engine = mstar.Engine(
+            "orpheus", weights="tiny", device=dev, dtype=dt, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+            cuda_graphs=cuda_graphs, max_queue=4096,
+        )
     if force:
         force_audio(engine.runner)
     params = sum(p.numel() for p in {id(p): p for p in models.lm.parameters()}.values())

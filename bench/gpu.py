@@ -22,7 +22,6 @@ Without CUDA (and without --cpu-dry-run) it exits with status 2 and says so.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--steps", type=int, default=128, help="decode steps per request")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--cuda-graphs", action="store_true", help="decode through the static-shape CUDA-graph path (MSTAR_CUDA_GRAPHS=1)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="decode through the static-shape CUDA-graph path (Engine(cuda_graphs=True))")
     ap.add_argument("--cpu-dry-run", action="store_true", help="run the script's logic on CPU with the bench-size model (not a measurement)")
     args = ap.parse_args(argv)
     info = machine_info()  # load average before the run
@@ -149,12 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device, dtype, size = torch.device("cuda"), torch.bfloat16, "full"
 
-    if args.cuda_graphs:
-        os.environ["MSTAR_CUDA_GRAPHS"] = "1"
     from _orpheus import bench_engine, bench_models, bench_texts, orpheus_kwargs, prompt_ids
 
     models = bench_models(size, device=device, dtype=dtype, baseline=not args.skip_hf)
-    engine, desc = bench_engine(size, device=device, dtype=dtype, max_batch_size=max(batches), max_seq_len=512, models=models)
+    engine, desc = bench_engine(size, device=device, dtype=dtype, max_batch_size=max(batches), max_seq_len=512, models=models, cuda_graphs=args.cuda_graphs)
     texts = [bench_texts(1)[0]] * max(batches)  # identical prompts: the HF batch needs no padding
     kwargs = orpheus_kwargs(args.steps)
     bw = copy_bandwidth(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 26))

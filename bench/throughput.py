@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in ns:
         res = run_engine_load(engine, texts[:n], kwargs)
         stats = engine.stats()
-        levels.append({**res.to_dict(), "decode_forwards": stats["decode_forwards"], "snac_calls": stats["snac_calls"]})
+        levels.append({**res.to_dict(), "decode_forwards": stats["forwards"]["decode"], "snac_calls": stats["forwards"]["snac"]})
         print(f"  N={n}: {res.tokens} tokens in {res.wall_s:.1f} s = {res.tokens_per_s:.1f} tok/s", flush=True)
     engine.close()
 

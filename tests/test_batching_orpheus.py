@@ -84,11 +84,11 @@ def _idle_stats(eng: mstar.Engine, timeout: float = 10.0) -> dict[str, Any]:
 
 def test_seeded_requests_give_their_solo_samples_in_a_batch_greedy_and_sampled(engine: mstar.Engine) -> None:
     solo = {n: _solo(engine, n) for n in "abc"}
-    before = engine.stats()["decode_forwards"]
+    before = engine.stats()["forwards"]["decode"]
     streams = {n: _start(engine, n, f"batch-{n}") for n in "abc"}
     results = {n: _drain(s) for n, s in streams.items()}
     # Batched for real: far fewer decode forwards than tokens (a and c finish first; b goes on alone).
-    assert engine.stats()["decode_forwards"] - before < sum(r.usage.output_tokens for r in results.values()) - 25
+    assert engine.stats()["forwards"]["decode"] - before < sum(r.usage.output_tokens for r in results.values()) - 25
     for n in "abc":
         _same(results[n], solo[n])
     assert _idle_stats(engine)["kv_slots_used"] == 0
@@ -144,10 +144,9 @@ def test_unseeded_request_uses_the_seed_derived_from_its_id(engine: mstar.Engine
     assert again.audio.pcm == res.audio.pcm
 
 
-def test_requests_wait_when_kv_slots_run_out_and_all_complete_unchanged(engine: mstar.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_wait_when_kv_slots_run_out_and_all_complete_unchanged(engine: mstar.Engine) -> None:
     solo = {n: _solo(engine, n) for n in "abcd"}
-    monkeypatch.setenv("MSTAR_ORPHEUS_SLOTS", "2")
-    with mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32") as small:
+    with mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32", max_batch_size=2) as small:
         assert small.stats()["kv_slots_total"] == 2
         streams = {n: _start(small, n, f"kv-{n}") for n in "abcd"}
         head = _first_audio(streams["a"])
@@ -160,11 +159,10 @@ def test_requests_wait_when_kv_slots_run_out_and_all_complete_unchanged(engine: 
         assert st["kv_slots_used"] == 0 and st["waiting"] == 0 and st["inflight"] == 0
 
 
-def test_static_shape_decode_path_gives_the_same_samples(engine: mstar.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MSTAR_CUDA_GRAPHS=1 pads decode batches to buckets (compiled into CUDA graphs on GPUs)."""
+def test_static_shape_decode_path_gives_the_same_samples(engine: mstar.Engine) -> None:
+    """cuda_graphs=True pads decode batches to buckets (compiled into CUDA graphs on GPUs)."""
     solo = {n: _solo(engine, n) for n in "abc"}
-    monkeypatch.setenv("MSTAR_CUDA_GRAPHS", "1")
-    with mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32") as padded:
+    with mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32", cuda_graphs=True) as padded:
         assert getattr(padded.runner, "graphed", None) is not None
         streams = {n: _start(padded, n, f"pad-{n}") for n in "abc"}  # 3 rows padded to 4, then b alone
         for n, s in streams.items():

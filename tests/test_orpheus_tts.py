@@ -12,6 +12,7 @@ import torch
 
 from mstar.engine import Engine
 from mstar.errors import UnknownParameterError, UnknownVoiceError, UnsupportedModalityError
+from mstar.settings import RunnerSettings
 from mstar.types import AudioChunk, Finished
 
 FRAME = 2048  # samples per SNAC frame at 24 kHz
@@ -65,7 +66,7 @@ def test_stream_yields_audio_chunks_before_finished_and_before_the_last_token(en
         seen.append(ev)
         if isinstance(ev, AudioChunk) and first_audio_at is None:
             first_audio_at = len(seen)
-            assert engine.runner.counters["decode_forwards"] > 0
+            assert engine.runner.activity.forwards["decode"] > 0
     assert isinstance(seen[-1], Finished) and seen[-1].finish_reason == "length"
     chunks = [e for e in seen if isinstance(e, AudioChunk)]
     assert first_audio_at == 1 and len(chunks) == 70 // 7 - 3
@@ -100,7 +101,7 @@ def test_two_concurrent_requests_share_decode_forwards_and_match_running_alone(e
     # Drive a second runner directly so both requests are admitted in the same step.
     from mstar.models.orpheus.runner import OrpheusRunner
 
-    runner = OrpheusRunner(weights="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    runner = OrpheusRunner(weights="tiny", settings=RunnerSettings())
     reqs = []
     for t, s in zip(texts, seeds, strict=True):
         req = engine._build_request(
@@ -116,11 +117,12 @@ def test_two_concurrent_requests_share_decode_forwards_and_match_running_alone(e
         )
         assert runner.admit(req)
         reqs.append(req)
-    assert runner.stats()["kv_slots_used"] == 2
+    assert runner.stats().kv_slots_used == 2
     while not all(r.done for r in reqs):
         runner.step([r for r in reqs if not r.done])
     # 42 tokens each: the first comes out of the shared prefill, the other 41 from shared decode steps.
-    assert runner.counters == {"prefill_forwards": 1, "decode_forwards": 41, "snac_calls": 3, "snac_windows": 6}
+    assert runner.activity.forwards == {"prefill": 1, "decode": 41, "snac": 3}
+    assert runner.activity.rows["snac"] == 6
     batched = []
     for r in reqs:
         events = []
@@ -130,7 +132,7 @@ def test_two_concurrent_requests_share_decode_forwards_and_match_running_alone(e
         batched.append(b"".join(e.pcm for e in events if isinstance(e, AudioChunk)))
         runner.release(r)
     assert batched == alone
-    assert runner.stats()["kv_slots_used"] == 0
+    assert runner.stats().kv_slots_used == 0
 
 
 def _wait_for_free_slots(engine: Engine) -> None:
@@ -190,13 +192,10 @@ def _drain(req) -> tuple[list, bytes]:
 
 
 def test_chunked_prefill_keeps_running_requests_decoding_and_changes_no_sample(engine: Engine) -> None:
-    import dataclasses
-
     from mstar.models.orpheus.runner import OrpheusRunner
 
     want = _speak(engine, 31, tokens=35, text="A rather long prompt that needs several chunks")
-    runner = OrpheusRunner(weights="tiny", device=torch.device("cpu"), dtype=torch.float32)
-    runner.config = dataclasses.replace(runner.config, prefill_chunk=8)
+    runner = OrpheusRunner(weights="tiny", settings=RunnerSettings(prefill_chunk=8))
     first = _direct(engine, runner, "Hi", 1, 60)
     for _ in range(3):  # "tara: Hi" + markers = 14 tokens: 2 prefill steps, then decoding
         runner.step([first])
@@ -219,7 +218,7 @@ def test_stop_token_finishes_with_stop_after_the_audio_so_far(engine: Engine) ->
     from mstar.models.orpheus.config import STOP_TOKEN
     from mstar.models.orpheus.runner import OrpheusRunner
 
-    runner = OrpheusRunner(weights="tiny", device=torch.device("cpu"), dtype=torch.float32)
+    runner = OrpheusRunner(weights="tiny", settings=RunnerSettings())
     sample = runner._sample
 
     def stop_at_36(reqs, logits):

@@ -16,7 +16,7 @@ The model is then wrapped with ``torch.compile(mode="reduce-overhead")``,
 which records one CUDA graph per (batch bucket, context bucket) and replays
 it. The padding logic is device-independent (and tested on CPU without
 compilation); compilation is only requested on CUDA. Opt-in: runners enable
-it when asked (Orpheus: ``MSTAR_CUDA_GRAPHS=1``), eager decoding stays the
+it when asked (``Engine(..., cuda_graphs=True)``, see mstar/settings.py), eager decoding stays the
 default.
 """
 

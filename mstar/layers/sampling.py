@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "apply_repetition_penalty", "sample_tokens"]
+__all__ = ["SamplingParams", "penalise_repeats_", "sample_tokens"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,20 +25,24 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on one row: divide positive logits of seen tokens, multiply negative ones."""
-    out = logits.clone()
-    _penalise_(out, history, penalty)
-    return out
+def penalise_repeats_(logits: torch.Tensor, histories: Sequence[torch.Tensor | None], penalties: Sequence[float]) -> None:
+    """CTRL-style repetition penalty, in place on ``logits`` [B, V]: for each row's seen tokens,
+    divide positive logits by the row's penalty and multiply negative ones.
 
-
-def _penalise_(row: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
-    """:func:`apply_repetition_penalty` in place on ``row``."""
-    if penalty == 1.0 or history.numel() == 0:
+    ``histories[i]`` lists row i's seen token ids (repeats allowed, they get the same value);
+    only those entries are touched, never a B x V pass.
+    """
+    rows, toks = [], []
+    for i, (hist, penalty) in enumerate(zip(histories, penalties, strict=True)):
+        if hist is not None and hist.numel() and penalty != 1.0:
+            toks.append(hist.to(logits.device, torch.long).reshape(-1))
+            rows.append(torch.full((toks[-1].numel(),), i, dtype=torch.long, device=logits.device))
+    if not toks:
         return
-    seen = torch.unique(history)
-    picked = row.index_select(-1, seen)
-    row.index_copy_(-1, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+    row_idx, tok_idx = torch.cat(rows), torch.cat(toks)
+    per_entry = torch.tensor(list(penalties), dtype=logits.dtype, device=logits.device)[row_idx]
+    seen = logits[row_idx, tok_idx]
+    logits[row_idx, tok_idx] = torch.where(seen > 0, seen / per_entry, seen * per_entry)
 
 
 def sample_tokens(
@@ -47,15 +51,15 @@ def sample_tokens(
     generators: Sequence[torch.Generator],
     histories: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of ``logits`` [B, V]. Returns a LongTensor [B] on logits' device."""
+    """Pick one token per row of ``logits`` [B, V]. Returns a LongTensor [B] on logits' device.
+
+    ``histories[i]`` (optional) are row i's seen tokens for its repetition penalty.
+    """
     batch = logits.shape[0]
     logits = logits.float()
     if histories is not None and any(h is not None and p.repetition_penalty != 1.0 for h, p in zip(histories, params, strict=True)):
-        logits = logits.clone()  # penalised in place, row by row: one copy, not one per row
-        for i in range(batch):
-            hist = histories[i]
-            if hist is not None:
-                _penalise_(logits[i], hist, params[i].repetition_penalty)
+        logits = logits.clone()  # the caller's logits stay untouched
+        penalise_repeats_(logits, histories, [p.repetition_penalty for p in params])
 
     greedy_rows = [p.temperature <= 0 for p in params]
     if all(greedy_rows):

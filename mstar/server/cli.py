@@ -29,6 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    sizing = p.add_argument_group(
+        "model sizing", "how the runner is sized (mstar.settings.RunnerSettings); unset keeps the model's default"
+    )
+    sizing.add_argument("--max-batch-size", type=int, default=None,
+                        help="requests decoding at once on the model (for autoregressive models: KV cache slots)")
+    sizing.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV positions per request: prompt plus output")
+    sizing.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens prefilled per step across requests")
+    sizing.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="static-shape decode captured as CUDA graphs")
     p.add_argument("--upload-dir", type=Path, default=None,
                    help="where request media is saved while a request runs; files are deleted when it ends "
                    "(default: a fresh temporary directory)")
@@ -65,6 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MStarError as exc:
         print(f"mstar-server: {exc}", file=sys.stderr)
         return 2
+    for flag in ("max_batch_size", "max_seq_len", "prefill_chunk"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"mstar-server: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     if args.max_concurrent < 1 or args.max_queue < 0 or args.max_upload_mb <= 0:
         print("mstar-server: --max-concurrent must be >= 1, --max-queue >= 0 and --max-upload-mb > 0", file=sys.stderr)
         return 2
@@ -72,7 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     def load():  # type: ignore[no-untyped-def]
         from mstar.engine import Engine
 
-        return Engine(args.model, weights=args.weights, device=args.device, dtype=args.dtype)
+        return Engine(
+            args.model,
+            weights=args.weights,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            max_seq_len=args.max_seq_len,
+            prefill_chunk=args.prefill_chunk,
+            cuda_graphs=args.cuda_graphs,
+        )
 
     config = ServerConfig(
         upload_dir=args.upload_dir,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 from mstar.codecs.snac import SNAC_24KHZ, SNACConfig
@@ -108,36 +107,17 @@ TINY_SNAC = SNACConfig(
 )
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
-
-
 @dataclass(frozen=True)
 class OrpheusConfig:
-    """What a runner is built from: the two networks plus serving limits."""
+    """The two networks a runner is built from; serving limits are :class:`mstar.settings.Sizing`."""
 
     llama: LlamaConfig
     snac: SNACConfig
-    #: Requests decoding at once (KV cache slots).
-    num_slots: int
-    #: Positions per slot: prompt plus generated tokens.
-    max_seq_len: int
-    #: Prompt tokens prefilled per step, across requests, so running requests keep decoding.
-    prefill_chunk: int = 512
 
     @classmethod
     def tiny(cls) -> OrpheusConfig:
-        # A short context keeps a default-length tiny utterance (about 25 frames) quick on a CPU.
-        return cls(
-            TINY_LLAMA,
-            TINY_SNAC,
-            num_slots=_env_int("MSTAR_ORPHEUS_SLOTS", 8),
-            max_seq_len=_env_int("MSTAR_ORPHEUS_MAX_LEN", 192),
-        )
+        return cls(TINY_LLAMA, TINY_SNAC)
 
     @classmethod
-    def full(cls, llama: LlamaConfig = FULL_LLAMA, snac: SNACConfig = SNAC_24KHZ, *, on_gpu: bool) -> OrpheusConfig:
-        # 16 slots x 4096 positions is ~7.5 GB of bf16 KV on a GPU; a CPU gets fewer slots.
-        slots = _env_int("MSTAR_ORPHEUS_SLOTS", 16 if on_gpu else 2)
-        return cls(llama, snac, num_slots=slots, max_seq_len=_env_int("MSTAR_ORPHEUS_MAX_LEN", 4096))
+    def full(cls, llama: LlamaConfig = FULL_LLAMA, snac: SNACConfig = SNAC_24KHZ) -> OrpheusConfig:
+        return cls(llama, snac)

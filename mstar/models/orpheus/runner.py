@@ -16,7 +16,6 @@ A request ends with ``stop`` on the stop token (128258), ``length`` when
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -43,6 +42,8 @@ from mstar.models.orpheus.tokenizer import ByteTokenizer, CheckpointTokenizer, T
 from mstar.models.orpheus.weights import build_tiny, load_full
 from mstar.models.params import Param
 from mstar.request import Request, RequestInputs
+from mstar.settings import RunnerSettings, Sizing
+from mstar.stats import RunnerStats
 from mstar.types import AudioChunk, FinishReason
 from mstar.weights import TINY
 
@@ -54,8 +55,17 @@ log = logging.getLogger("mstar.orpheus")
 _NOISE_SEED_SALT = 0x5EED_C0DE
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated request's prompt token ids (voice, text and the special tokens around them)."""
+
+    prompt: list[int]
+
+
 @dataclass(slots=True)
-class _State:
+class State:
+    """A running request: its KV slot, where it is in the prompt, and its audio codes so far."""
+
     prompt: list[int]
     slot: int
     sampling: SamplingParams
@@ -66,9 +76,18 @@ class _State:
     pending: int = -1  # last sampled token, fed at the next decode step
     codes: CodeStream = field(default_factory=CodeStream)
     windows: int = 0
+    # Distinct tokens seen so far (prompt and output), for the repetition penalty; the set dedupes.
+    seen: list[int] = field(default_factory=list)
+    seen_set: set[int] = field(default_factory=set)
+
+    def see(self, tokens: list[int]) -> None:
+        for tok in tokens:
+            if tok not in self.seen_set:
+                self.seen_set.add(tok)
+                self.seen.append(tok)
 
 
-class OrpheusRunner(ModelRunner):
+class OrpheusRunner(ModelRunner[Prepared, State]):
     """Runs ``canopylabs/orpheus-3b-0.1-ft`` (or ``weights="tiny"``) with continuous batching."""
 
     name = "orpheus"
@@ -81,8 +100,17 @@ class OrpheusRunner(ModelRunner):
         "max_output_tokens": Param(int, None, min=1, max=1_000_000, doc="default: the rest of the context"),
     }
 
-    def __init__(self, *, weights: str | None, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(weights=weights, device=device, dtype=dtype)
+    @classmethod
+    def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
+        if weights == TINY:
+            # A short context keeps a default-length tiny utterance (about 25 frames) quick on a CPU.
+            return Sizing(max_batch_size=8, max_seq_len=192)
+        # 16 slots x 4096 positions is ~7.5 GB of bf16 KV on a GPU; a CPU gets fewer slots.
+        return Sizing(max_batch_size=16 if settings.on_gpu else 2, max_seq_len=4096)
+
+    def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
+        super().__init__(weights=weights, settings=settings)
+        device, dtype = self.device, self.dtype
         self.tokenizer: TextTokenizer
         if weights == TINY:
             self.config = OrpheusConfig.tiny()
@@ -95,29 +123,24 @@ class OrpheusRunner(ModelRunner):
                 )
             model, snac, ckpt = load_full(weights, device=device, dtype=dtype)
             self.model, self.snac = model, snac
-            self.config = OrpheusConfig.full(model.config, snac.config, on_gpu=device.type == "cuda")
+            self.config = OrpheusConfig.full(model.config, snac.config)
             self.tokenizer = CheckpointTokenizer(ckpt)
-        cfg = self.config
+        cfg, size = self.config, self.sizing
         # Opt-in static-shape decode (CUDA graphs on CUDA, see layers/graphed_decode.py): one extra
         # cache slot takes the padding rows. Off by default; on CPU it only pads (for tests).
-        graphs = os.environ.get("MSTAR_CUDA_GRAPHS", "") == "1"
-        self.cache = self.model.new_cache(cfg.num_slots + int(graphs), cfg.max_seq_len, device=device, dtype=dtype)
+        graphs = size.cuda_graphs
+        self.cache = self.model.new_cache(size.max_batch_size + int(graphs), size.max_seq_len, device=device, dtype=dtype)
         self.graphed: BucketedDecoder | None = None
         if graphs:
             scratch = self.cache.allocate()
             assert scratch is not None
             self.graphed = BucketedDecoder(
-                self.model, self.cache, scratch, max_batch=cfg.num_slots, compile=device.type == "cuda"
+                self.model, self.cache, scratch, max_batch=size.max_batch_size, compile=device.type == "cuda"
             )
-        # Tokens each slot has seen (prompt + output), for the repetition penalty, kept on the device.
-        self.seen = torch.zeros(self.cache.num_slots, cfg.llama.vocab_size, dtype=torch.bool, device=device)
         self.sample_rate = self.snac.sample_rate
         strides = cfg.snac.vq_strides
         # Output samples per frame: the finest stream has strides[0] // strides[-1] codes per frame.
         self.samples_per_frame = cfg.snac.hop_length * (strides[0] // strides[-1])
-        #: Instrumentation for tests and benchmarks.
-        self.counters = {"prefill_forwards": 0, "decode_forwards": 0, "snac_calls": 0, "snac_windows": 0}
-        self.last_decode_batch = 0
 
     # ------------------------------------------------------------------ validation (caller thread)
     def validate(
@@ -132,14 +155,16 @@ class OrpheusRunner(ModelRunner):
         params["voice"] = check_voice(params["voice"])
         if params["top_p"] <= 0.0:
             raise InvalidParameterError("top_p must be > 0", param="top_p")
-        prompt = build_prompt(self.tokenizer, params["voice"], text)
-        if len(prompt) >= self.config.max_seq_len:
+        return params
+
+    def prepare(self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]) -> Prepared:
+        prompt = build_prompt(self.tokenizer, params["voice"], _prompt_text(inputs))
+        if len(prompt) >= self.sizing.max_seq_len:
             raise InvalidRequestError(
-                f"the prompt is {len(prompt)} tokens; this engine's context holds {self.config.max_seq_len}",
+                f"the prompt is {len(prompt)} tokens; this engine's context holds {self.sizing.max_seq_len}",
                 param="text",
             )
-        params["_prompt_ids"] = prompt
-        return params
+        return Prepared(prompt)
 
     # ------------------------------------------------------------------ life cycle
     def admit(self, req: Request) -> bool:
@@ -147,37 +172,37 @@ class OrpheusRunner(ModelRunner):
         if slot is None:
             return False
         p = req.params
-        prompt: list[int] = p["_prompt_ids"]
+        prompt = self.prepared(req).prompt
         room = self.cache.max_len - len(prompt) + 1  # the last sampled token needs no KV position
         max_new = room if p["max_output_tokens"] is None else int(p["max_output_tokens"])
         noise = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
         noise.manual_seed((req.seed ^ _NOISE_SEED_SALT) & 0x7FFF_FFFF_FFFF_FFFF)
-        req.state = _State(
+        st = State(
             prompt=prompt,
             slot=slot,
             sampling=SamplingParams(p["temperature"], p["top_p"], p["top_k"], p["repetition_penalty"]),
             max_new=max_new,
             noise=noise,
         )
-        req.input_tokens = len(prompt)
-        self.seen[slot].zero_()
         # Like the reference server (vLLM), the penalty covers prompt and generated tokens.
-        self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        st.see(prompt)
+        req.state = st
+        req.input_tokens = len(prompt)
         return True
 
     def release(self, req: Request) -> None:
         st = req.state
-        if isinstance(st, _State) and st.slot >= 0:
+        if isinstance(st, State) and st.slot >= 0:
             self.cache.free(st.slot)
             st.slot = -1
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "kv_slots_used": self.cache.slots_used - int(self.graphed is not None),
-            "kv_slots_total": self.config.num_slots,
-            "kv_bytes": self.cache.nbytes,
-            **self.counters,
-        }
+    def stats(self) -> RunnerStats:
+        return RunnerStats(
+            kv_slots_used=self.cache.slots_used - int(self.graphed is not None),
+            kv_slots_total=self.sizing.max_batch_size,
+            kv_bytes=self.cache.nbytes,
+            activity=self.activity,
+        )
 
     def close(self) -> None:
         self.cache.k = self.cache.v = torch.empty(0)
@@ -185,8 +210,8 @@ class OrpheusRunner(ModelRunner):
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self, reqs: list[Request]) -> None:
-        decoding = [r for r in reqs if r.state.phase == "decode"]
-        prefilling = [r for r in reqs if r.state.phase == "prefill"]
+        decoding = [r for r in reqs if self.state(r).phase == "decode"]
+        prefilling = [r for r in reqs if self.state(r).phase == "prefill"]
         rows: list[Request] = []
         logits: list[torch.Tensor] = []
         if prefilling:
@@ -203,10 +228,10 @@ class OrpheusRunner(ModelRunner):
 
     def _prefill(self, reqs: list[Request]) -> tuple[list[Request], torch.Tensor]:
         """Feed the next prompt chunk of as many requests as the token budget allows."""
-        budget = self.config.prefill_chunk
+        budget = self.sizing.prefill_chunk
         chunks: list[tuple[Request, list[int]]] = []
         for r in reqs:
-            st: _State = r.state
+            st = self.state(r)
             n = min(len(st.prompt) - st.fed, budget)
             if n <= 0:
                 break
@@ -216,14 +241,14 @@ class OrpheusRunner(ModelRunner):
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, (_, c) in enumerate(chunks):
             ids[i, : len(c)] = torch.tensor(c)
-        slots = [r.state.slot for r, _ in chunks]
+        slots = [self.state(r).slot for r, _ in chunks]
         batch = AttnBatch.build(self.cache, slots, [len(c) for _, c in chunks], device=self.device)
         out = self.model(ids.to(self.device), self.cache, batch)
         batch.commit(self.cache)
-        self.counters["prefill_forwards"] += 1
+        self.activity.record("prefill", len(chunks))
         finished, keep = [], []
         for i, (r, c) in enumerate(chunks):
-            st = r.state
+            st = self.state(r)
             st.fed += len(c)
             if st.fed == len(st.prompt):
                 finished.append(r)
@@ -232,37 +257,32 @@ class OrpheusRunner(ModelRunner):
 
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """One forward for every decoding request: each feeds its last sampled token."""
+        states = [self.state(r) for r in reqs]
         if self.graphed is not None:
-            out = self.graphed([r.state.pending for r in reqs], [r.state.slot for r in reqs])
+            out = self.graphed([st.pending for st in states], [st.slot for st in states])
         else:
-            ids = torch.tensor([[r.state.pending] for r in reqs], dtype=torch.long)
-            slots = [r.state.slot for r in reqs]
-            batch = AttnBatch.build(self.cache, slots, [1] * len(reqs), device=self.device)
+            ids = torch.tensor([[st.pending] for st in states], dtype=torch.long)
+            batch = AttnBatch.build(self.cache, [st.slot for st in states], [1] * len(reqs), device=self.device)
             out = self.model(ids.to(self.device), self.cache, batch)
             batch.commit(self.cache)
-        self.counters["decode_forwards"] += 1
-        self.last_decode_batch = len(reqs)
+        self.activity.record("decode", len(reqs))
         return out
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        logits = logits.float()
-        slots = torch.tensor([r.state.slot for r in reqs], device=self.device)
-        penalties = torch.tensor([r.state.sampling.repetition_penalty for r in reqs], device=self.device)
-        # The CTRL penalty of layers/sampling.py, applied in place to the seen tokens only (a few
-        # hundred per row): whole-vocabulary passes were a tenth of a 64-row step on CPU.
-        rows, toks = self.seen[slots].nonzero(as_tuple=True)
-        seen_logits, row_penalty = logits[rows, toks], penalties[rows]
-        logits[rows, toks] = torch.where(seen_logits > 0, seen_logits / row_penalty, seen_logits * row_penalty)
-        picked = sample_tokens(logits, [r.state.sampling for r in reqs], [r.generator for r in reqs])
-        self.seen[slots, picked] = True
-        return [int(t) for t in picked.tolist()]
+        states = [self.state(r) for r in reqs]
+        histories = [torch.tensor(st.seen, dtype=torch.long) for st in states]
+        picked = sample_tokens(logits, [st.sampling for st in states], [r.generator for r in reqs], histories)
+        tokens = [int(t) for t in picked.tolist()]
+        for st, tok in zip(states, tokens, strict=True):
+            st.see([tok])
+        return tokens
 
     def _consume(self, reqs: list[Request], tokens: list[int]) -> None:
         """Advance each request with its new token; decode ready windows; finish the done ones."""
         windows: list[tuple[Request, list[int]]] = []
         ends: list[tuple[Request, FinishReason]] = []
         for r, tok in zip(reqs, tokens, strict=True):
-            st: _State = r.state
+            st = self.state(r)
             r.output_tokens += 1
             if tok == STOP_TOKEN:
                 ends.append((r, "stop"))
@@ -281,14 +301,13 @@ class OrpheusRunner(ModelRunner):
     def _emit_audio(self, windows: list[tuple[Request, list[int]]]) -> None:
         codes = torch.tensor([w for _, w in windows], dtype=torch.long, device=self.device)
         assert codes.shape[1] == WINDOW_TOKENS
-        audio = self.snac.decode(split_window(codes), generators=[r.state.noise for r, _ in windows])
+        audio = self.snac.decode(split_window(codes), generators=[self.state(r).noise for r, _ in windows])
         spf = self.samples_per_frame
         # Keep the second frame of the window (the reference's [2048:4096]); int16 by truncation like it.
         pcm = (audio[:, 0, spf : 2 * spf].float() * 32767).to(torch.int16).cpu().numpy()
-        self.counters["snac_calls"] += 1
-        self.counters["snac_windows"] += len(windows)
+        self.activity.record("snac", len(windows))
         for (r, _), row in zip(windows, pcm, strict=True):
-            st: _State = r.state
+            st = self.state(r)
             st.windows += 1
             r.emit(
                 AudioChunk(row.astype("<i2").tobytes(), self.sample_rate, 1, metadata={"frame": st.codes.frames - 3})
