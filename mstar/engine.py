@@ -6,7 +6,7 @@ import hashlib
 import logging
 import queue
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -77,6 +77,12 @@ class EventStream(ClosingStream):
         if isinstance(item, Finished):
             self._finished = True
         return item
+
+    def listen(self, callback: Callable[[], None] | None) -> None:
+        """Have ``callback()`` called from the emitting thread whenever an event is queued (and at
+        once if one is waiting), so an event loop can read with ``next_event(0)`` without a thread
+        per stream; None removes it. See :meth:`mstar.request.EventQueue.listen`."""
+        self._req.events.listen(callback)
 
     def close(self) -> None:
         """Stop reading; cancels the request if it is still running."""

@@ -32,6 +32,7 @@ __all__ = [
     "normalize_media",
 ]
 
+#: Accepted file extensions per modality; the first is the modality's default (unrecognised raw bytes).
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "image": (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"),
     "audio": (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac"),

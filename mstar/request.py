@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from mstar.errors import ModelError, MStarError
 from mstar.media import MediaItem
 from mstar.types import Event, Finished, FinishReason, Usage
 
-__all__ = ["Request", "RequestInputs"]
+__all__ = ["EventQueue", "Request", "RequestInputs"]
 
 
 @dataclass(slots=True)
@@ -41,6 +42,39 @@ class RequestInputs:
             if items:
                 found.append(name)
         return tuple(found)
+
+
+class EventQueue(queue.Queue[Event | BaseException]):
+    """A request's output queue, with an optional wake-up hook for event-loop consumers.
+
+    :meth:`listen` registers ``callback()``, called on the emitting thread after
+    every put (outside the queue's lock) and once at registration if an item is
+    already waiting, so a consumer can drain with ``get_nowait`` instead of
+    blocking a thread per request. The callback must be quick and not block
+    (e.g. ``loop.call_soon_threadsafe``); an exception it raises is ignored,
+    since the item is queued regardless.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listener: Callable[[], None] | None = None
+
+    def listen(self, callback: Callable[[], None] | None) -> None:
+        """Set (or with None, remove) the wake-up callback."""
+        with self.mutex:
+            self._listener = callback
+            pending = bool(self.queue)
+        if callback is not None and pending:
+            callback()
+
+    def put(self, item: Event | BaseException, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener()
+            except Exception:
+                pass
 
 
 class Request:
@@ -101,7 +135,7 @@ class Request:
         gen_device = torch.device(device)
         self.generator = torch.Generator(device=gen_device if gen_device.type == "cuda" else "cpu")
         self.generator.manual_seed(seed)
-        self.events: queue.Queue[Event | BaseException] = queue.Queue()
+        self.events = EventQueue()
         self.state: object = None
         self.steps = 0
         self.input_tokens = 0

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mstar.sniff import PNG_MAGIC
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -51,6 +53,10 @@ def _unb64(data: str) -> bytes:
     return base64.b64decode(data, validate=True) if data else b""
 
 
+# OpenAI's chat API spells input and output tokens its own way (its speech API uses ours).
+_OPENAI_CHAT_USAGE = {"input_tokens": "prompt_tokens", "output_tokens": "completion_tokens"}
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token and step counts for one request."""
@@ -59,6 +65,10 @@ class Usage:
     output_tokens: int = 0
     steps: int = 0
 
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
     def to_dict(self) -> dict[str, int]:
         return {
             "input_tokens": self.input_tokens,
@@ -66,15 +76,23 @@ class Usage:
             "steps": self.steps,
         }
 
+    def to_openai(self, *, chat: bool = True) -> dict[str, int]:
+        """OpenAI's ``usage`` object: ``prompt_tokens``/``completion_tokens`` for chat
+        completions, ``input_tokens``/``output_tokens`` (``chat=False``) for speech; with ``total_tokens``."""
+        counts = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens}
+        doc = {(_OPENAI_CHAT_USAGE[k] if chat else k): v for k, v in counts.items()}
+        doc["total_tokens"] = self.total_tokens
+        return doc
+
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Usage:
         d = d or {}
-        # Accept the OpenAI spellings too: clients meet both in the wild.
-        return cls(
-            input_tokens=int(d.get("input_tokens", d.get("prompt_tokens", 0)) or 0),
-            output_tokens=int(d.get("output_tokens", d.get("completion_tokens", 0)) or 0),
-            steps=int(d.get("steps", 0) or 0),
-        )
+
+        def count(key: str) -> int:
+            # Accept the OpenAI spellings too: clients meet both in the wild.
+            return int(d.get(key, d.get(_OPENAI_CHAT_USAGE.get(key, key), 0)) or 0)
+
+        return cls(input_tokens=count("input_tokens"), output_tokens=count("output_tokens"), steps=count("steps"))
 
 
 # --------------------------------------------------------------------------- events
@@ -107,11 +125,11 @@ class ImageChunk:
 
     @property
     def width(self) -> int:
-        return int.from_bytes(self.data[16:20], "big") if self.data[:8] == b"\x89PNG\r\n\x1a\n" else 0
+        return int.from_bytes(self.data[16:20], "big") if self.data.startswith(PNG_MAGIC) else 0
 
     @property
     def height(self) -> int:
-        return int.from_bytes(self.data[20:24], "big") if self.data[:8] == b"\x89PNG\r\n\x1a\n" else 0
+        return int.from_bytes(self.data[20:24], "big") if self.data.startswith(PNG_MAGIC) else 0
 
     def to_wire(self) -> dict[str, Any]:
         return {"modality": "image", "data": _b64(self.data), "metadata": dict(self.metadata)}

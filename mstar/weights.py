@@ -18,7 +18,7 @@ import torch
 
 from mstar.errors import WeightsError
 
-__all__ = ["TINY", "cache_root", "resolve_checkpoint_dir", "tiny_state_dict"]
+__all__ = ["TINY", "cache_root", "component_override", "hub_offline", "resolve_checkpoint_dir", "tiny_state_dict"]
 
 TINY = "tiny"
 
@@ -27,6 +27,17 @@ def cache_root() -> Path:
     root = Path(os.environ.get("MSTAR_CACHE") or Path.home() / ".cache" / "mstar")
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def component_override(component: str) -> str | None:
+    """A user-set source for one component's weights: ``$MSTAR_<COMPONENT>_WEIGHTS`` (e.g.
+    ``MSTAR_SNAC_WEIGHTS``), a directory or hub id that wins over the checkpoint's own copy."""
+    return os.environ.get(f"MSTAR_{component.upper()}_WEIGHTS") or None
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` asks for the local hub cache only (no downloads)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
 
 
 def _config_digest(config: Any) -> str:
@@ -70,8 +81,7 @@ def resolve_checkpoint_dir(weights: str | os.PathLike[str], *, allow_patterns: l
     try:
         from huggingface_hub import snapshot_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        return Path(snapshot_download(str(weights), allow_patterns=allow_patterns, local_files_only=offline))
+        return Path(snapshot_download(str(weights), allow_patterns=allow_patterns, local_files_only=hub_offline()))
     except Exception as exc:
         raise WeightsError(
             f"could not find weights {str(weights)!r}: not a local directory, and the hub download failed "

@@ -11,6 +11,8 @@ from PIL import Image
 
 from mstar.engine import Engine
 from mstar.errors import InvalidParameterError, InvalidRequestError, UnknownParameterError
+from mstar.media import MediaItem
+from mstar.stats import Activity
 from mstar.types import Finished, ImageChunk, Progress, TextChunk
 
 
@@ -19,6 +21,30 @@ def engine() -> Iterator[Engine]:
     eng = Engine("bagel", weights="tiny", device="cpu")
     yield eng
     eng.close()
+
+
+class _Calls(Activity):
+    """The runner's Activity, also keeping every call in order (the schema keeps totals and the last call)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, base: Activity) -> None:
+        super().__init__(dict(base.forwards), dict(base.rows), dict(base.last_rows))
+        self.calls: list[tuple[str, int]] = []
+
+    def record(self, component: str, rows: int) -> None:
+        Activity.record(self, component, rows)
+        self.calls.append((component, rows))
+
+    def rows_of(self, component: str) -> list[int]:
+        return [r for c, r in self.calls if c == component]
+
+
+@pytest.fixture
+def calls(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> _Calls:
+    spy = _Calls(engine.runner.activity)
+    monkeypatch.setattr(engine.runner, "activity", spy)
+    return spy
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -83,14 +109,17 @@ def test_edit_returns_png_of_the_resized_source(engine: Engine) -> None:
     assert _png_size(out2) == (32, 32)
 
 
-def test_edit_guidance_runs_three_branches_in_one_forward(engine: Engine) -> None:
-    rows = engine.runner.denoise_batch_rows  # type: ignore[attr-defined]
-    before = len(rows)
+def test_edit_guidance_runs_three_branches_in_one_forward(engine: Engine, calls: _Calls) -> None:
+    before = engine.stats()
     engine.edit_image(_source_png(), "add a hat", seed=1, num_timesteps=6, width=32, height=32, cfg_interval=[0.7, 1.0])
-    steps = rows[before:]
+    after = engine.stats()
     # 5 denoising steps at shifted times 1, .92, .82, .67, .43: the first three lie in (0.7, 1] and carry
     # the conditional, text-guidance and image-guidance rows together; the rest run the conditional row alone.
-    assert steps == [3, 3, 3, 1, 1]
+    assert calls.rows_of("denoise") == [3, 3, 3, 1, 1]
+    assert after["forwards"]["denoise"] - before["forwards"]["denoise"] == 5
+    assert after["rows"]["denoise"] - before["rows"]["denoise"] == 11
+    assert after["last_rows"]["denoise"] == 1
+    assert calls.calls == [("prefill", 1)] + [("denoise", r) for r in (3, 3, 3, 1, 1)] + [("vae", 1)]
 
 
 def test_stream_shows_one_progress_per_step_before_the_image(engine: Engine) -> None:
@@ -120,10 +149,12 @@ def test_cancel_mid_denoise_stops_within_one_step(engine: Engine) -> None:
     assert steps <= 1
 
 
-def test_concurrent_image_requests_share_denoising_forwards(engine: Engine) -> None:
+def test_concurrent_image_requests_share_denoising_forwards(engine: Engine, calls: _Calls) -> None:
     alone = engine.generate_image("two at once", width=32, height=32, seed=21, num_timesteps=30)
-    rows = engine.runner.denoise_batch_rows  # type: ignore[attr-defined]
-    before = len(rows)
+    alone_rows = calls.rows_of("denoise")
+    assert len(alone_rows) == 29 and set(alone_rows) == {1, 2}  # guided steps carry two rows, the others one
+    calls.calls.clear()
+    before = engine.stats()
     results: dict[int, bytes] = {}
 
     def run(seed: int, width: int) -> None:
@@ -136,7 +167,10 @@ def test_concurrent_image_requests_share_denoising_forwards(engine: Engine) -> N
         t.join()
     assert _png_size(results[21]) == (32, 32) and _png_size(results[22]) == (48, 32)
     # Two requests, each with a conditional and a text-guidance row: some forward carried all four rows.
-    assert max(rows[before:]) == 4
+    assert max(calls.rows_of("denoise")) == 4
+    after = engine.stats()
+    assert after["rows"]["denoise"] - before["rows"]["denoise"] == 2 * sum(alone_rows)
+    assert after["forwards"]["denoise"] - before["forwards"]["denoise"] == len(calls.rows_of("denoise")) < 2 * 29
     # Sharing a (padded) batch with another request does not change a seeded result.
     assert results[21] == alone
 
@@ -183,7 +217,6 @@ def test_bad_kwargs_are_refused(engine: Engine) -> None:
 
 
 def test_transparent_pixels_become_white(engine: Engine) -> None:
-    from mstar.media import MediaItem
     from mstar.models.bagel.prepare import decode_on_white
 
     img = Image.new("RGBA", (4, 2), (10, 20, 30, 0))
@@ -215,3 +248,47 @@ def test_requests_wait_for_kv_slots_and_give_them_back(engine: Engine) -> None:
     while engine.stats()["kv_slots_used"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.stats()["kv_slots_used"] == 0
+
+
+def test_params_hold_user_kwargs_and_prepared_holds_the_rest(engine: Engine) -> None:
+    from mstar.models.bagel.prepare import BagelPrepared
+    from mstar.request import RequestInputs
+
+    runner = engine.runner
+    inputs = RequestInputs(text="make it blue", images=[_media(_source_png(80, 48))])
+    params = runner.validate(inputs, ("image",), {"num_timesteps": 3, "cfg_interval": [0, 1]})
+    assert set(params) == set(runner.params)  # every accepted kwarg, nothing else
+    assert params["cfg_img_scale"] == 2.0 and params["cfg_interval"] == [0.0, 1.0]  # defaults of an edit
+    prep = runner.prepare(inputs, ("image",), params)
+    assert isinstance(prep, BagelPrepared)
+    assert prep.mode == "image" and prep.size == (80, 48)
+    assert [p.kind for p in prep.parts] == ["image", "text"]
+    (img,) = prep.images
+    assert img.vae is not None and tuple(img.vae.shape) == (3, 48, 80)
+    # The tiny ViT takes at least 28 px a side, in 14 px patches; VAE latents are 16 px tokens.
+    _, vh, vw = img.vit.shape
+    assert prep.context_len == (vh // 14) * (vw // 14) + 2 + 5 * 3 + 2 + len(b"make it blue") + 2
+    chat = runner.prepare(RequestInputs(text="hi"), ("text",), runner.validate(RequestInputs(text="hi"), ("text",), {}))
+    assert chat.mode == "chat" and chat.size is None and chat.images == ()
+    think = runner.validate(RequestInputs(text="hi"), ("text",), {"think_mode": True})
+    assert runner.prepare(RequestInputs(text="hi"), ("text",), think).parts[0].text.startswith("You should first think")
+
+
+def _media(data: bytes) -> MediaItem:
+    return MediaItem("src.png", data, "image")
+
+
+def test_sizing_comes_from_the_engine_settings(engine: Engine) -> None:
+    # The tiny model's defaults: 12 KV slots of 2048 positions; the scheduler runs at most that many requests.
+    assert (engine.runner.sizing.max_batch_size, engine.runner.sizing.max_seq_len) == (12, 2048)
+    assert engine.stats()["kv_slots_total"] == 12 and engine.scheduler.max_active == 12
+    with Engine("bagel", weights="tiny", device="cpu", max_batch_size=2, max_seq_len=96) as small:
+        assert small.runner.sizing.max_batch_size == 2 and small.runner.sizing.max_seq_len == 96
+        stats = small.stats()
+        assert stats["kv_slots_total"] == 2 and stats["kv_slots_used"] == 0 and stats["kv_bytes"] > 0
+        # A text-guided picture holds two contexts and fits; an edit needs three and never can.
+        assert _png_size(small.generate_image("x", width=16, height=16, seed=1, num_timesteps=2)) == (16, 16)
+        with pytest.raises(InvalidRequestError, match="needs 3 KV slots; the cache has 2"):
+            small.edit_image(_source_png(32, 32), "y", width=16, height=16, num_timesteps=2)
+        with pytest.raises(InvalidRequestError, match="holds 96 per request"):
+            small.chat("a" * 100)

@@ -60,6 +60,7 @@ def test_cfg_interval_is_open_below_closed_above() -> None:
     assert not cfg_active(0.2, (0.4, 1.0))
 
 
+@pytest.mark.slow
 def test_text_guidance_with_global_renorm() -> None:
     cond = torch.tensor([[3.0, 4.0]])
     text = torch.tensor([[0.0, 0.0]])

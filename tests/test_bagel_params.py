@@ -6,14 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mstar.codecs.flux_vae import AutoEncoder
 from mstar.errors import WeightsError
 from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.model import Bagel
-from mstar.models.bagel.weights import build_models, load_checkpoint, param_shapes
+from mstar.models.bagel.weights import build_models, load_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def param_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Names and shapes of everything the checkpoint holds for ``module`` (parameters and persistent buffers)."""
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
 def _fixture(name: str) -> dict[str, list[int]]:
@@ -67,7 +73,6 @@ def test_published_configs_give_the_full_shapes(tmp_path: Path) -> None:
 
 
 def test_checkpoint_with_wrong_names_is_refused(tmp_path: Path) -> None:
-    import torch
     from safetensors.torch import save_file
 
     cfg = BagelConfig.tiny()
@@ -81,7 +86,6 @@ def test_checkpoint_with_wrong_names_is_refused(tmp_path: Path) -> None:
 
 
 def test_checkpoint_files_load_strictly(tmp_path: Path) -> None:
-    import torch
     from safetensors.torch import save_file
 
     cfg = BagelConfig.tiny()

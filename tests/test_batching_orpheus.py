@@ -82,6 +82,7 @@ def _idle_stats(eng: mstar.Engine, timeout: float = 10.0) -> dict[str, Any]:
     return eng.stats()
 
 
+@pytest.mark.slow
 def test_seeded_requests_give_their_solo_samples_in_a_batch_greedy_and_sampled(engine: mstar.Engine) -> None:
     solo = {n: _solo(engine, n) for n in "abc"}
     before = engine.stats()["forwards"]["decode"]
@@ -94,6 +95,7 @@ def test_seeded_requests_give_their_solo_samples_in_a_batch_greedy_and_sampled(e
     assert _idle_stats(engine)["kv_slots_used"] == 0
 
 
+@pytest.mark.slow
 def test_cancelling_one_request_leaves_the_others_unchanged(engine: mstar.Engine) -> None:
     solo = {n: _solo(engine, n) for n in "ab"}
     a = _start(engine, "a", "cx-a")
@@ -126,6 +128,7 @@ def test_a_failing_request_leaves_the_others_unchanged(engine: mstar.Engine) -> 
     assert _idle_stats(engine)["kv_slots_used"] == 0
 
 
+@pytest.mark.slow
 def test_a_request_joining_mid_flight_and_the_one_running_both_match_solo(engine: mstar.Engine) -> None:
     solo = {n: _solo(engine, n) for n in "bd"}
     b = _start(engine, "b", "join-b")
@@ -136,6 +139,7 @@ def test_a_request_joining_mid_flight_and_the_one_running_both_match_solo(engine
     assert _idle_stats(engine)["kv_slots_used"] == 0
 
 
+@pytest.mark.slow
 def test_unseeded_request_uses_the_seed_derived_from_its_id(engine: mstar.Engine) -> None:
     res = engine.generate(text="Seed me", output_modalities=("audio",), request_id="seedless-1", max_output_tokens=28)
     assert isinstance(res, GenerateResult) and res.seed == derive_seed("seedless-1")
@@ -144,6 +148,7 @@ def test_unseeded_request_uses_the_seed_derived_from_its_id(engine: mstar.Engine
     assert again.audio.pcm == res.audio.pcm
 
 
+@pytest.mark.slow
 def test_requests_wait_when_kv_slots_run_out_and_all_complete_unchanged(engine: mstar.Engine) -> None:
     solo = {n: _solo(engine, n) for n in "abcd"}
     with mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32", max_batch_size=2) as small:
@@ -159,6 +164,7 @@ def test_requests_wait_when_kv_slots_run_out_and_all_complete_unchanged(engine: 
         assert st["kv_slots_used"] == 0 and st["waiting"] == 0 and st["inflight"] == 0
 
 
+@pytest.mark.slow
 def test_static_shape_decode_path_gives_the_same_samples(engine: mstar.Engine) -> None:
     """cuda_graphs=True pads decode batches to buckets (compiled into CUDA graphs on GPUs)."""
     solo = {n: _solo(engine, n) for n in "abc"}

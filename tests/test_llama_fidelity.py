@@ -8,6 +8,8 @@ import torch
 from mstar.layers.attention import AttnBatch
 from mstar.layers.llama import LlamaConfig, LlamaForCausalLM
 
+pytestmark = pytest.mark.slow
+
 HF_CONFIG = {
     "vocab_size": 97,
     "hidden_size": 64,

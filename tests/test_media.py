@@ -89,3 +89,56 @@ def test_corrupt_audio_raises_media_error(data: bytes) -> None:
 def test_corrupt_video_raises_media_error() -> None:
     with pytest.raises(MediaError):
         decode_video(MediaItem("v.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100, "video"))
+
+
+# --------------------------------------------------------------------------- sniffing (mstar.sniff)
+
+# The first bytes of real files (PIL, soundfile and PyAV wrote them), and the extension each is recognised as.
+SNIFF_TABLE = [
+    ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", None, ".png"),
+    ("jpeg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01", None, ".jpg"),
+    ("gif", b"GIF87a\x04\x00\x04\x00\x81\x00\x00\x00\x00\x00", None, ".gif"),
+    ("webp", b"RIFF$\x00\x00\x00WEBPVP8 ", None, ".webp"),
+    ("bmp", b"BMf\x00\x00\x00\x00\x00\x00\x006\x00\x00\x00(\x00", None, ".bmp"),
+    ("wav", b"RIFF\xec\x00\x00\x00WAVEfmt \x10\x00\x00\x00", None, ".wav"),
+    ("flac", b'fLaC\x00\x00\x00"\x10\x00\x10\x00', None, ".flac"),
+    ("mp3 with ID3", b"ID3\x04\x00\x00\x00\x00\x00#TSSE", None, ".mp3"),
+    ("mp3 frame", b"\xff\xfb\x90\x64\x00\x00\x00\x00", None, ".mp3"),
+    ("aac adts", b"\xff\xf1X@\x03\x9f\xfc\xde", None, ".aac"),
+    ("ogg vorbis", b"OggS\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\xd4\xb7", None, ".ogg"),
+    ("m4a", b"\x00\x00\x00\x1cftypM4A \x00\x00\x02\x00M4A isom", None, ".m4a"),
+    ("mp4", b"\x00\x00\x00\x1cftypisom\x00\x00\x02\x00isomiso2", None, ".mp4"),
+    ("mp4 given as audio", b"\x00\x00\x00\x1cftypisom\x00\x00\x02\x00isomiso2", "audio", ".m4a"),
+    ("mov", b"\x00\x00\x00\x14ftypqt  \x00\x00\x02\x00qt  ", None, ".mov"),
+    ("webm", b"\x1aE\xdf\xa3\x9fB\x86\x81\x01B\xf7\x81\x01B\xf2\x81\x04B\xf3\x81\x08B\x82\x84webm", None, ".webm"),
+    ("mkv", b"\x1aE\xdf\xa3\xa3B\x86\x81\x01B\xf7\x81\x01B\xf2\x81\x04B\xf3\x81\x08B\x82\x88matroska", None, ".mkv"),
+    ("avi", b"RIFF\xdc\x16\x00\x00AVI LIST\xec\x11\x00\x00hdrl", None, ".avi"),
+    ("text", b"hello, world", None, None),
+    ("bare BM", b"BM", "image", None),
+    ("empty", b"", None, None),
+]
+
+
+@pytest.mark.parametrize("data, modality, ext", [row[1:] for row in SNIFF_TABLE], ids=[row[0] for row in SNIFF_TABLE])
+def test_sniffing_names_each_format(data: bytes, modality: str | None, ext: str | None) -> None:
+    from mstar.sniff import sniff_extension
+
+    assert sniff_extension(data, modality) == ext
+    if ext is not None:
+        assert modality_for_filename("x" + ext) is not None, "every sniffed extension is an accepted one"
+
+
+@pytest.mark.parametrize("ext, modality", [(".avi", "video"), (".bmp", "image"), (".m4a", "audio")])
+def test_client_and_server_agree_on_the_formats_they_used_to_disagree_on(ext: str, modality: str) -> None:
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    from mstar.client.form import name_upload
+    from mstar.server.media_io import MediaPolicy, UploadScope
+
+    data = next(row[1] for row in SNIFF_TABLE if row[3] == ext and row[2] is None)
+    assert name_upload(MediaItem(f"{modality}.bin", data, modality)).name == modality + ext
+    with tempfile.TemporaryDirectory() as tmp, UploadScope(Path(tmp), MediaPolicy()) as scope:
+        got_modality, path = scope.resolve_ref(base64.b64encode(data).decode())
+        assert (got_modality, path.suffix) == (modality, ext)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import wave
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,16 +15,8 @@ import requests
 
 from mstar import TensorChunk
 from tests.fixtures.vjepa2_media import make_mp4, make_png
-from tests.test_server_support import serving
 
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    upload_dir = tmp_path_factory.mktemp("uploads")
-    with serving(upload_dir) as get:
-        yield get
-    assert list(upload_dir.iterdir()) == [], "uploads must be deleted when their request ends"
-
+# ``served`` (a server per model, started once per module) is the fixture of tests/conftest.py.
 
 # --------------------------------------------------------------------------- Qwen3-Omni
 
@@ -41,6 +32,7 @@ def test_qwen3_omni_chat_answers_with_text_over_openai(served: Any) -> None:
     assert out.usage is not None and out.usage.completion_tokens > 0
 
 
+@pytest.mark.slow
 def test_qwen3_omni_chat_returns_text_and_wav_audio_over_openai(served: Any) -> None:
     s = served("qwen3_omni")
     out = s.client.chat.completions.create(
@@ -57,6 +49,7 @@ def test_qwen3_omni_chat_returns_text_and_wav_audio_over_openai(served: Any) -> 
         assert w.getframerate() == 24000 and w.getnframes() > 0
 
 
+@pytest.mark.slow
 def test_qwen3_omni_chat_streams_text_and_audio_deltas_over_openai(served: Any) -> None:
     s = served("qwen3_omni")
     stream = s.client.chat.completions.create(
@@ -83,6 +76,7 @@ def test_qwen3_omni_chat_streams_text_and_audio_deltas_over_openai(served: Any) 
     assert text and len(pcm) > 0 and len(pcm) % 2 == 0
 
 
+@pytest.mark.slow
 def test_qwen3_omni_speech_route_returns_audio(served: Any) -> None:
     s = served("qwen3_omni")
     out = s.client.audio.speech.create(

@@ -43,6 +43,7 @@ def test_tiny_tts_writes_a_valid_24khz_mono_wav(engine: Engine, tmp_path) -> Non
     assert max(abs(s) for s in memoryview(frames).cast("h")) > 0
 
 
+@pytest.mark.slow
 def test_default_tiny_tts_runs_to_the_context_and_reports_length(engine: Engine) -> None:
     res = engine.generate(text="Hi", output_modalities=("audio",), seed=9)
     assert res.finish_reason == "length"
@@ -52,12 +53,14 @@ def test_default_tiny_tts_runs_to_the_context_and_reports_length(engine: Engine)
         assert w.getnframes() == len(res.audio)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_samples_and_another_seed_differs(engine: Engine) -> None:
     a, b, c = _speak(engine, 11), _speak(engine, 11), _speak(engine, 12)
     assert a == b
     assert a != c
 
 
+@pytest.mark.slow
 def test_stream_yields_audio_chunks_before_finished_and_before_the_last_token(engine: Engine) -> None:
     events = engine.stream(text="Streaming test", output_modalities=("audio",), seed=3, max_output_tokens=70)
     first_audio_at = None
@@ -95,6 +98,7 @@ def test_orpheus_cannot_output_image_or_text(engine: Engine, modality: str) -> N
         engine.generate(text="Hi", output_modalities=(modality,))
 
 
+@pytest.mark.slow
 def test_two_concurrent_requests_share_decode_forwards_and_match_running_alone(engine: Engine) -> None:
     texts, seeds = ["First request", "Second, longer request"], [21, 22]
     alone = [_speak(engine, s, text=t) for t, s in zip(texts, seeds, strict=True)]
@@ -160,6 +164,7 @@ def test_cancel_mid_stream_stops_within_a_step_and_frees_the_slot(engine: Engine
     assert steps <= 1
 
 
+@pytest.mark.slow
 def test_chat_messages_speak_the_last_user_message(engine: Engine) -> None:
     by_text = engine.tts("Say this", seed=5, max_output_tokens=28)
     res = engine.generate(
@@ -191,6 +196,7 @@ def _drain(req) -> tuple[list, bytes]:
     return events, b"".join(e.pcm for e in events if isinstance(e, AudioChunk))
 
 
+@pytest.mark.slow
 def test_chunked_prefill_keeps_running_requests_decoding_and_changes_no_sample(engine: Engine) -> None:
     from mstar.models.orpheus.runner import OrpheusRunner
 

@@ -40,6 +40,7 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], cfg: LlamaConf
     return path
 
 
+@pytest.mark.slow
 def test_checkpoint_directory_loads_and_bad_names_or_shapes_raise_weights_error(tmp_path: Path) -> None:
     model, snac = build_tiny(TINY_LLAMA, TINY_SNAC, device=torch.device("cpu"), dtype=torch.float32)
     state = dict(model.state_dict())
@@ -105,6 +106,7 @@ def _write_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+@pytest.mark.slow
 def test_engine_runs_a_checkpoint_directory_with_its_tokenizer_and_snac_subdirectory(tmp_path: Path) -> None:
     from mstar.engine import Engine
 

@@ -14,9 +14,18 @@ import torch
 from PIL import Image
 
 from mstar.engine import Engine
-from mstar.errors import EmptyInputError, InvalidParameterError, MediaError, ShapeError, UnsupportedModalityError
+from mstar.errors import (
+    EmptyInputError,
+    InvalidParameterError,
+    InvalidRequestError,
+    MediaError,
+    ShapeError,
+    UnsupportedModalityError,
+)
+from mstar.media import MediaArg
+from mstar.models.pi05.runner import Pi05Runner
 from mstar.request import Request, RequestInputs
-from mstar.types import GenerateResult, Progress, TensorChunk
+from mstar.types import Finished, GenerateResult, Progress, TensorChunk
 
 
 def _png(w: int, h: int, seed: int = 0) -> bytes:
@@ -26,7 +35,7 @@ def _png(w: int, h: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-CAMS = [_png(224, 224, 0), _png(320, 240, 1)]
+CAMS: list[MediaArg] = [_png(224, 224, 0), _png(320, 240, 1)]
 STATE = [0.1, -0.5, 0.3, 0.9]
 
 
@@ -96,7 +105,8 @@ def test_the_euler_loop_integrates_the_expert_velocity_from_seeded_noise() -> No
     # With the expert replaced by v = x * t, two steps give 0.375 * noise (see test_pi05_flow).
     eng = Engine("pi05", weights="tiny", device="cpu")
     try:
-        eng.runner.model.velocity = lambda x, t, cache, slots: x * t[:, None, None]  # type: ignore[method-assign]
+        runner: Any = eng.runner
+        runner.model.velocity = lambda x, t, cache, slots: x * t[:, None, None]
         out = _act(eng, seed=11, num_steps=2)
     finally:
         eng.close()
@@ -104,13 +114,20 @@ def test_the_euler_loop_integrates_the_expert_velocity_from_seeded_noise() -> No
     np.testing.assert_allclose(out, 0.375 * noise.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def _request(engine: Engine, rid: str, seed: int, images: list[bytes], state: list[float], text: str) -> Request:
+def _request(engine: Engine, rid: str, seed: int, images: list[MediaArg], state: list[float], text: str) -> Request:
     from mstar.media import normalize_media
 
     inputs = RequestInputs(text=text, images=normalize_media(images, "image"))
     params = engine.runner.validate(inputs, ("action",), {"robot_state": state})
+    prepared = engine.runner.prepare(inputs, ("action",), params)
     return Request(
-        rid, inputs, input_modalities=("text", "image"), output_modalities=("action",), params=params, seed=seed
+        rid,
+        inputs,
+        input_modalities=("text", "image"),
+        output_modalities=("action",),
+        params=params,
+        prepared=prepared,
+        seed=seed,
     )
 
 
@@ -134,12 +151,13 @@ def test_two_requests_share_each_batched_euler_step_and_match_their_solo_runs(en
     # Different cameras and prompts give prefixes of different lengths: padding must not leak.
     specs = [("a", 3, CAMS, STATE, "stack the blocks"), ("b", 4, CAMS[:1], [0.2, 0.4], "wipe the table, carefully")]
     solo = [_drive(engine, [_request(engine, *s)])[0] for s in specs]
-    counters = engine.runner.counters
-    before = dict(counters)
+    activity = engine.runner.activity
+    forwards, rows = dict(activity.forwards), dict(activity.rows)
     together = _drive(engine, [_request(engine, *s) for s in specs])
-    assert counters["prefill_batches"] - before["prefill_batches"] == 1
-    assert counters["denoise_batches"] - before["denoise_batches"] == 10  # not 20: each Euler step ran both
-    assert counters["denoise_rows"] - before["denoise_rows"] == 20
+    assert activity.forwards["prefill"] - forwards["prefill"] == 1
+    assert activity.rows["prefill"] - rows["prefill"] == 2  # both prefixes in that one batch
+    assert activity.forwards["denoise"] - forwards["denoise"] == 10  # not 20: each Euler step ran both
+    assert activity.rows["denoise"] - rows["denoise"] == 20
     for alone, batched in zip(solo, together, strict=True):
         np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=1e-4)
 
@@ -152,8 +170,7 @@ def test_concurrent_engine_requests_join_the_same_denoise_batches(engine: Engine
         submitted.wait(10)
 
     engine.scheduler.fault_hook = hold
-    before = engine.runner.counters["max_denoise_batch"]
-    engine.runner.counters["max_denoise_batch"] = 0
+    before = engine.stats()
     try:
         s1 = engine.stream(
             text="pick up the red cube", images=CAMS, robot_state=STATE, seed=21, output_modalities=("action",)
@@ -165,10 +182,29 @@ def test_concurrent_engine_requests_join_the_same_denoise_batches(engine: Engine
         got = [next(e for e in s if isinstance(e, TensorChunk)).to_numpy() for s in (s1, s2)]
     finally:
         engine.scheduler.fault_hook = None
-    assert engine.runner.counters["max_denoise_batch"] >= 2
-    engine.runner.counters["max_denoise_batch"] = max(before, engine.runner.counters["max_denoise_batch"])
+    after = engine.stats()
+    calls = after["forwards"]["denoise"] - before["forwards"]["denoise"]
+    rows = after["rows"]["denoise"] - before["rows"]["denoise"]
+    # Each call denoises at least one row, so more rows than calls means some call denoised both requests.
+    assert rows > calls
     for a, b in zip(alone, got, strict=True):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_kv_slots_and_lengths_come_from_the_engine_sizing() -> None:
+    with Engine("pi05", weights="tiny", device="cpu") as default:
+        stats = default.stats()
+        # Defaults: 8 slots for the tiny variant, each as long as 3 cameras + the prompt budget + one chunk.
+        assert stats["kv_slots_total"] == 8 and default.runner.sizing.max_seq_len == 3 * 256 + 200 + 50
+        assert default.scheduler.max_active == 8
+    with Engine("pi05", weights="tiny", device="cpu", max_batch_size=2, max_seq_len=400) as small:
+        runner: Any = small.runner
+        assert small.stats()["kv_slots_total"] == 2 and runner.cache.max_len == 400
+        assert small.stats()["kv_bytes"] < stats["kv_bytes"]
+        assert _act(small, images=CAMS[:1]).shape == (50, 32)  # 256 image + ~40 prompt + 50 action positions fit
+        with pytest.raises(InvalidRequestError, match=r"needs \d+ KV positions.*max_seq_len=400") as info:
+            _act(small, images=CAMS)
+        assert info.value.status_code == 400
 
 
 def test_kv_slots_are_released_when_requests_finish(engine: Engine) -> None:
@@ -250,7 +286,12 @@ def test_cancel_mid_denoising_ends_the_request_and_frees_its_slot(engine: Engine
     assert isinstance(first, Progress)
     assert engine.cancel(stream.request_id)
     rest = list(stream)
-    assert rest[-1].finish_reason == "cancelled" and not any(isinstance(e, TensorChunk) for e in rest)
+    last = rest[-1]
+    assert (
+        isinstance(last, Finished)
+        and last.finish_reason == "cancelled"
+        and not any(isinstance(e, TensorChunk) for e in rest)
+    )
     deadline = time.monotonic() + 5
     while engine.stats()["kv_slots_used"] and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -259,6 +300,7 @@ def test_cancel_mid_denoising_ends_the_request_and_frees_its_slot(engine: Engine
 
 def test_a_request_waits_for_a_kv_slot_when_all_are_taken(engine: Engine) -> None:
     runner = engine.runner
+    assert isinstance(runner, Pi05Runner)
     held = [_request(engine, f"hold{i}", i, CAMS[:1], [0.0], "t") for i in range(runner.cache.slots_free)]
     try:
         assert all(runner.admit(r) for r in held)

@@ -10,6 +10,7 @@ naively (own norm, RoPE, masked softmax) and compares.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +46,12 @@ def _joint_velocity(m: Pi05Model, prefix: torch.Tensor, x_t: torch.Tensor, t: fl
     allowed[:lp, lp:] = False  # the prefix never sees the actions
     hd = cfg.vlm.head_dim
 
-    def ada(norm: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ada(norm: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale, shift, gate = norm.dense(cond).chunk(3)
         return _rms(x) * (1 + scale) + shift, gate
 
-    for lv, le in zip(m.vlm.layers, m.expert.layers, strict=True):
+    layers: list[tuple[Any, Any]] = list(zip(m.vlm.layers, m.expert.layers, strict=True))
+    for lv, le in layers:
         np_ = _rms(hp) * (1 + lv.input_layernorm.weight)
         ns, g1 = ada(le.input_layernorm, hs)
         q = torch.cat([lv.self_attn.q_proj(np_), le.self_attn.q_proj(ns)]).view(lp + c, -1, hd).transpose(0, 1)
@@ -75,8 +77,8 @@ def test_cached_prefix_then_expert_equals_the_joint_forward_for_a_padded_batch()
     x_t = torch.randn(2, TINY.chunk_size, TINY.action_dim, generator=g)
     times = torch.tensor([1.0, 0.3])
     cache = KVCache(num_layers=TINY.vlm.depth, num_slots=3, max_len=100, num_kv_heads=1, head_dim=TINY.vlm.head_dim)
-    slots = [cache.allocate(), cache.allocate()]
-    slots = [s for s in slots if s is not None]
+    allocated = [cache.allocate(), cache.allocate()]
+    slots = [s for s in allocated if s is not None]
     m.prefill(prefixes, cache, slots)
     assert cache.lengths[:2] == [37, 20]
     v = m.velocity(x_t, times, cache, slots)

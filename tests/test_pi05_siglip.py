@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mstar.layers.siglip import SiglipDims, SiglipVisionTransformer
+
+pytestmark = pytest.mark.slow
 
 
 def test_siglip_tower_matches_transformers() -> None:

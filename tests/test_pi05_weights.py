@@ -10,18 +10,28 @@ import torch
 from safetensors.torch import save_file
 
 from mstar.errors import WeightsError
-from mstar.models.pi05.config import FULL, TINY, config_from_lerobot
+from mstar.models.pi05.config import FULL, TINY, Pi05Config, config_from_lerobot
 from mstar.models.pi05.prompt import BOS_ID, HFTokenizer
-from mstar.models.pi05.weights import load_checkpoint, published_layout, tiny_model
+from mstar.models.pi05.weights import build_model, load_checkpoint, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pi05_params.json"
 EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 TOWER = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+VLM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
+EXPERT_HEAD = "paligemma_with_expert.gemma_expert.lm_head.weight"
+
+
+def _published_layout(cfg: Pi05Config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes lerobot publishes for our module tree: 'model.' prefix, the embedding saved as the
+    tied LM head, plus the expert's unused LM head (computed on the meta device)."""
+    out = {"model." + (VLM_HEAD if k == EMBED else k): tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    out["model." + EXPERT_HEAD] = (cfg.vocab_size, cfg.expert.width)
+    return out
 
 
 def test_full_variant_has_exactly_the_published_names_and_shapes() -> None:
     published = {k: tuple(v) for k, v in json.loads(FIXTURE.read_text())["params"].items()}
-    ours = published_layout(FULL)
+    ours = _published_layout(FULL)
     assert sorted(set(published) - set(ours)) == []
     assert sorted(set(ours) - set(published)) == []
     assert {k: v for k, v in ours.items() if published[k] != v} == {}
@@ -44,9 +54,9 @@ def _publish(state: dict[str, torch.Tensor], path: Path, *, rename: dict[str, st
     """Write ``state`` the way lerobot publishes it: 'model.' prefix, embedding saved as the tied LM head."""
     out = {}
     for name, t in state.items():
-        key = "model." + ("paligemma_with_expert.paligemma.lm_head.weight" if name == EMBED else name)
+        key = "model." + (VLM_HEAD if name == EMBED else name)
         out[key] = t
-    out["model.paligemma_with_expert.gemma_expert.lm_head.weight"] = torch.zeros(TINY.vocab_size, TINY.expert.width)
+    out["model." + EXPERT_HEAD] = torch.zeros(TINY.vocab_size, TINY.expert.width)
     for old, new in (rename or {}).items():
         t = out.pop(old)
         if new is not None:

@@ -30,6 +30,7 @@ def test_chat_messages_answer_with_text(engine: Any) -> None:
     assert res.finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_chat_with_audio_output_returns_text_and_24khz_speech(engine: Any) -> None:
     res = engine.chat(
         "Say something.", output_modalities=("text", "audio"), max_output_tokens=6, talker_max_output_tokens=12, seed=5
@@ -39,8 +40,10 @@ def test_chat_with_audio_output_returns_text_and_24khz_speech(engine: Any) -> No
     assert len(res.audio) > 0
 
 
+@pytest.mark.slow
 def test_streaming_yields_audio_chunks_before_the_text_is_done(engine: Any) -> None:
-    engine.runner.code2wav_chunk = 4  # small chunks so the tiny run streams several pieces
+    talker = engine.runner.talker
+    talker.code2wav_chunk = 4  # small chunks so the tiny run streams several pieces
     try:
         events = list(
             engine.stream(
@@ -53,7 +56,7 @@ def test_streaming_yields_audio_chunks_before_the_text_is_done(engine: Any) -> N
             )
         )
     finally:
-        engine.runner.code2wav_chunk = type(engine.runner).code2wav_chunk
+        talker.code2wav_chunk = type(talker).code2wav_chunk
     kinds = [type(e) for e in events]
     assert kinds[-1] is Finished
     audio_at = [i for i, k in enumerate(kinds) if k is AudioChunk]
@@ -62,6 +65,7 @@ def test_streaming_yields_audio_chunks_before_the_text_is_done(engine: Any) -> N
     assert audio_at[0] < text_at[-1], "the first audio should arrive while the Thinker is still writing"
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_decode_steps_and_keep_their_seeded_results(engine: Any) -> None:
     runner = engine.runner
     sizes: list[int] = []
@@ -92,6 +96,7 @@ def test_concurrent_requests_share_decode_steps_and_keep_their_seeded_results(en
     assert [results[i] for i in range(len(prompts))] == solo
 
 
+@pytest.mark.slow
 def test_media_requests_batched_together_match_their_solo_runs(engine: Any) -> None:
     import io
 
@@ -114,6 +119,7 @@ def test_media_requests_batched_together_match_their_solo_runs(engine: Any) -> N
     assert together == solo
 
 
+@pytest.mark.slow
 def test_concurrent_speech_requests_match_their_solo_audio(engine: Any) -> None:
     prompts = ["first voice", "second, longer voice"]
     kw: dict[str, Any] = {
@@ -143,26 +149,28 @@ def test_closing_a_speech_stream_cancels_it_and_frees_its_slots(engine: Any) -> 
     assert isinstance(first, (TextChunk, AudioChunk))
     stream.close()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (engine.stats()["slots_held"] or engine.stats()["talker_slots_held"]):
+    # kv_slots_used adds up the Thinker's and the Talker's caches: 0 means both are free.
+    while time.monotonic() < deadline and engine.stats()["kv_slots_used"]:
         time.sleep(0.05)
-    assert engine.stats()["slots_held"] == 0 and engine.stats()["talker_slots_held"] == 0
+    assert engine.stats()["kv_slots_used"] == 0
 
 
+@pytest.mark.slow
 def test_a_failing_prefill_fails_only_its_own_request(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from mstar.errors import ModelError
-    from mstar.models.qwen3_omni import thinker_steps
 
-    original = thinker_steps.encode_media
+    thinker = engine.runner.thinker
+    original = thinker.encode_media
     marker = list(b"boom")
 
-    def flaky(runner: Any, states: list[Any]) -> Any:
+    def flaky(states: list[Any]) -> Any:
         for st in states:
             ids = st.enc.ids
             if any(ids[i : i + 4] == marker for i in range(len(ids))):
                 raise RuntimeError("encoder exploded")
-        return original(runner, states)
+        return original(states)
 
-    monkeypatch.setattr(thinker_steps, "encode_media", flaky)
+    monkeypatch.setattr(thinker, "encode_media", flaky)
     good = engine.stream(text="fine", max_output_tokens=40, seed=1)
     first = next(good)  # "good" is decoding now; the bad prefill lands while it runs
     bad = engine.stream(text="boom", max_output_tokens=4, seed=1)
@@ -176,7 +184,7 @@ def test_a_prompt_longer_than_the_cache_is_refused_up_front(engine: Any) -> None
     from mstar.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError):
-        engine.chat("x" * (engine.runner.cache.max_len + 10))
+        engine.chat("x" * (engine.runner.sizing.max_seq_len + 10))
 
 
 def test_unknown_voice_lists_the_valid_ones(engine: Any) -> None:
@@ -216,3 +224,38 @@ def test_message_media_parts_must_exist(engine: Any) -> None:
 
     with pytest.raises(InvalidRequestError):
         engine.chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}])
+
+
+def test_speech_stats_count_both_caches_and_every_stage(engine: Any) -> None:
+    import time
+
+    engine.chat("hi", output_modalities=("text", "audio"), max_output_tokens=4, talker_max_output_tokens=8, seed=4)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and engine.stats()["kv_slots_used"]:
+        time.sleep(0.05)
+    stats = engine.stats()
+    runner = engine.runner
+    assert stats["kv_slots_used"] == 0
+    assert stats["kv_slots_total"] == runner.thinker.cache.num_slots + runner.talker.cache.num_slots
+    assert stats["kv_bytes"] == runner.thinker.cache.nbytes + runner.talker.cache.nbytes + runner.talker.cp_cache.nbytes
+    stages = ("thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode", "code_predictor", "code2wav")
+    assert all(stats["forwards"].get(name, 0) >= 1 for name in stages)
+
+
+def test_kv_slots_and_lengths_come_from_the_settings() -> None:
+    from mstar.errors import InvalidParameterError
+    from mstar.models.qwen3_omni.config import TINY_CONFIG
+    from mstar.models.qwen3_omni.runner import Qwen3OmniRunner
+    from mstar.settings import RunnerSettings
+
+    runner = Qwen3OmniRunner(weights="tiny", settings=RunnerSettings(max_batch_size=2, max_seq_len=512))
+    assert (runner.sizing.max_batch_size, runner.sizing.max_seq_len) == (2, 512)
+    assert runner.talker is not None
+    for cache in (runner.thinker.cache, runner.talker.cache):
+        assert (cache.num_slots, cache.max_len) == (2, 512)
+    assert runner.stats().kv_slots_total == 4
+    # Unset, the length is the family default capped at the checkpoint's positions; set past them, refused.
+    limit = TINY_CONFIG["thinker_config"]["text_config"]["max_position_embeddings"]
+    assert Qwen3OmniRunner(weights="tiny", settings=RunnerSettings()).sizing.max_seq_len == min(8192, limit)
+    with pytest.raises(InvalidParameterError):
+        Qwen3OmniRunner(weights="tiny", settings=RunnerSettings(max_seq_len=limit + 1))

@@ -11,6 +11,8 @@ import torch
 
 from mstar.request import RequestInputs
 
+pytestmark = pytest.mark.slow
+
 
 def _png(w: int, h: int, seed: int) -> bytes:
     from PIL import Image
@@ -89,10 +91,33 @@ def _fill_rotary(ref: Any) -> None:
             mod.original_inv_freq = inv.clone()
 
 
+def _encode(runner: Any, inputs: RequestInputs) -> Any:
+    """The runner's prepared prompt (ids, positions, preprocessed media) for ``inputs``."""
+    return runner.prepare(inputs, ("text",), {})
+
+
+@torch.inference_mode()
+def _prompt_logits(runner: Any, inputs: RequestInputs) -> torch.Tensor:
+    """Thinker logits [L, V] at every prompt position, run through the Thinker stage on a spare KV slot."""
+    from mstar.layers.sampling import SamplingParams
+    from mstar.models.qwen3_omni.state import OmniState
+
+    enc = _encode(runner, inputs)
+    thinker = runner.thinker
+    slot = thinker.allocate()
+    assert slot is not None, "no free KV slot"
+    try:
+        st = OmniState(enc=enc, slot=slot, sampling=SamplingParams(), max_tokens=1, emit_text=False)
+        out, lens = thinker.forward_prompts([st])
+        return runner.model.thinker.lm_head(out.hidden[0, : lens[0]])
+    finally:
+        thinker.free(slot)
+
+
 def _compare_prompt(engine: Any, reference: Any, inputs: RequestInputs, **extra: Any) -> None:
     runner = engine.runner
-    ours = runner.prompt_logits(inputs)
-    enc = runner._encode(inputs)
+    ours = _prompt_logits(runner, inputs)
+    enc = _encode(runner, inputs)
     ids = torch.tensor([enc.ids])
     with torch.inference_mode():
         ref = reference.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[0]
@@ -114,14 +139,14 @@ def test_thinker_text_logits_match_transformers(engine: Any, reference: Any) -> 
 
 def test_thinker_image_logits_match_transformers(engine: Any, reference: Any) -> None:
     inputs = RequestInputs(text="What is this?", images=[_item("image", "a.png", _png(80, 48, 1))])
-    enc = engine.runner._encode(inputs)
+    enc = _encode(engine.runner, inputs)
     img = enc.images[0]
     _compare_prompt(engine, reference, inputs, pixel_values=img.pixels, image_grid_thw=torch.tensor([img.grid_thw]))
 
 
 def test_thinker_audio_logits_match_transformers(engine: Any, reference: Any) -> None:
     inputs = RequestInputs(text="Transcribe.", audio=[_item("audio", "a.wav", _wav(2.3, 2))])
-    mel = engine.runner._encode(inputs).audios[0].mel
+    mel = _encode(engine.runner, inputs).audios[0].mel
     _compare_prompt(
         engine,
         reference,
@@ -137,7 +162,7 @@ def test_thinker_video_logits_match_transformers(engine: Any, reference: Any, mo
     # A small pixel budget keeps the tiny run fast; the layout (2 temporal groups, 2x2 merges) is what matters.
     monkeypatch.setattr(processor, "VIDEO_MIN_PIXELS", 64 * 64)
     inputs = RequestInputs(text="Describe.", video=[_item("video", "v.mp4", _mp4(4, 64, 2))])
-    vid = engine.runner._encode(inputs).videos[0]
+    vid = _encode(engine.runner, inputs).videos[0]
     _compare_prompt(
         engine,
         reference,
@@ -151,7 +176,7 @@ def test_thinker_video_logits_match_transformers(engine: Any, reference: Any, mo
 def test_greedy_thinker_text_matches_transformers_generate(engine: Any, reference: Any) -> None:
     inputs = RequestInputs(text="Count to three.")
     res = engine.generate(text="Count to three.", thinker_temperature=0.0, max_output_tokens=6)
-    ids = torch.tensor([engine.runner._encode(inputs).ids])
+    ids = torch.tensor([_encode(engine.runner, inputs).ids])
     with torch.inference_mode():
         seq = reference.thinker.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
@@ -164,8 +189,8 @@ def test_greedy_talker_codes_and_audio_match_transformers_generate(engine: Any, 
     runner = engine.runner
     seen: dict[str, list[torch.Tensor]] = {"ours": [], "ref": []}
     hook = runner.model.code2wav.register_forward_pre_hook(lambda _m, args: seen["ours"].append(args[0].clone()))
-    old_chunk = runner.code2wav_chunk
-    runner.code2wav_chunk = 300  # the reference decodes in 300-frame chunks; match it exactly
+    old_chunk = runner.talker.code2wav_chunk
+    runner.talker.code2wav_chunk = 300  # the reference decodes in 300-frame chunks; match it exactly
     try:
         res = engine.generate(
             text="Say hi.",
@@ -178,9 +203,9 @@ def test_greedy_talker_codes_and_audio_match_transformers_generate(engine: Any, 
             voice="Ethan",
         )
     finally:
-        runner.code2wav_chunk = old_chunk
+        runner.talker.code2wav_chunk = old_chunk
         hook.remove()
-    ids = torch.tensor([runner._encode(RequestInputs(text="Say hi.")).ids])
+    ids = torch.tensor([_encode(runner, RequestInputs(text="Say hi.")).ids])
     orig = reference.code2wav.chunked_decode
 
     def spy(codes: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -213,7 +238,7 @@ def test_greedy_talker_codes_and_audio_match_transformers_generate(engine: Any, 
 def test_greedy_thinker_with_an_image_matches_transformers_generate(engine: Any, reference: Any) -> None:
     image = _png(96, 64, 9)
     res = engine.generate(text="What is it?", images=("a.png", image), thinker_temperature=0.0, max_output_tokens=5)
-    enc = engine.runner._encode(RequestInputs(text="What is it?", images=[_item("image", "a.png", image)]))
+    enc = _encode(engine.runner, RequestInputs(text="What is it?", images=[_item("image", "a.png", image)]))
     ids = torch.tensor([enc.ids])
     with torch.inference_mode():
         seq = reference.thinker.generate(
@@ -234,8 +259,8 @@ def test_greedy_talker_codes_match_transformers_for_a_media_prompt(engine: Any, 
     media = {"audio": ("audio", "a.wav", _wav(1.2, 5)), "image": ("images", "a.png", _png(64, 64, 6))}[modality]
     seen: list[torch.Tensor] = []
     hook = runner.model.code2wav.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
-    old_chunk = runner.code2wav_chunk
-    runner.code2wav_chunk = 300
+    old_chunk = runner.talker.code2wav_chunk
+    runner.talker.code2wav_chunk = 300
     try:
         engine.generate(
             text="Answer aloud.",
@@ -248,10 +273,10 @@ def test_greedy_talker_codes_match_transformers_for_a_media_prompt(engine: Any, 
             **{media[0]: (media[1], media[2])},
         )
     finally:
-        runner.code2wav_chunk = old_chunk
+        runner.talker.code2wav_chunk = old_chunk
         hook.remove()
     kind = "image" if modality == "image" else "audio"
-    enc = runner._encode(RequestInputs(text="Answer aloud.", **{media[0]: [_item(kind, media[1], media[2])]}))
+    enc = _encode(runner, RequestInputs(text="Answer aloud.", **{media[0]: [_item(kind, media[1], media[2])]}))
     ids = torch.tensor([enc.ids])
     extra: dict[str, Any] = {}
     if modality == "audio":
@@ -261,7 +286,12 @@ def test_greedy_talker_codes_match_transformers_for_a_media_prompt(engine: Any, 
         extra = {"pixel_values": enc.images[0].pixels, "image_grid_thw": torch.tensor([enc.images[0].grid_thw])}
     ref_codes: list[torch.Tensor] = []
     orig = reference.code2wav.chunked_decode
-    reference.code2wav.chunked_decode = lambda codes, **kw: (ref_codes.append(codes.clone()), orig(codes, **kw))[1]
+
+    def spy(codes: torch.Tensor, **kw: Any) -> torch.Tensor:
+        ref_codes.append(codes.clone())
+        return orig(codes, **kw)
+
+    reference.code2wav.chunked_decode = spy
     try:
         with torch.inference_mode():
             reference.generate(

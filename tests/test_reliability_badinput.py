@@ -35,9 +35,10 @@ import pytest
 import requests
 
 import mstar
-from bench.soak import held_resources
 from mstar.server import media_io
-from tests.test_reliability_support import media_recipe, serve, shared_engine
+from tests.helpers.media import media_recipe
+from tests.helpers.servers import serve
+from tests.helpers.soak import held_resources
 
 CASES: list[dict[str, Any]] = json.loads((Path(__file__).parent / "data" / "bad_inputs_reliability.json").read_text())
 REDIRECTOR_HOST = "redirector.invalid"
@@ -144,7 +145,7 @@ def net() -> Iterator[tuple[NetGuard, Redirector]]:
 
 
 @pytest.fixture(scope="module")
-def servers(net: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def servers(net: Any, tmp_path_factory: pytest.TempPathFactory, shared_engine: Any) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("badinput")
     media = mstar.Engine("fake_media", weights="tiny")
     engines = {"media": media, "remote": media, "pi05": shared_engine("pi05"), "vjepa2": shared_engine("vjepa2"),

@@ -21,8 +21,9 @@ import requests
 import mstar
 from mstar.request import Request
 from mstar.server import create_app
-from tests.test_reliability_support import serve
-from tests.test_server_support import ServerThread
+from tests.helpers.servers import ServerThread, serve
+
+pytestmark = pytest.mark.usefixtures("fake_models")  # the fake families of tests/helpers/fakes.py
 
 INJECTED = "injected fault for the reliability test"
 
@@ -200,6 +201,7 @@ def _multipart(fields: dict[str, str]) -> tuple[bytes, str]:
     return f"{parts}--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
 
 
+@pytest.mark.slow
 def test_slow_reader_does_not_block_other_clients(server: Any, engine: mstar.Engine) -> None:
     body, ctype = _multipart({"text": "flood", "output_modalities": "audio", "request_id": "slow-reader",
                               "model_kwargs": json.dumps({"max_output_tokens": 100000, "step_delay": 0.002})})
@@ -250,6 +252,7 @@ def _status_or_close(sock: socket.socket, within: float) -> tuple[bytes, float]:
     return data, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_slow_body_is_cut_off_by_the_body_timeout(engine: mstar.Engine, tmp_path: Path) -> None:
     # The server must bound the time to receive a body (uvicorn has no such timeout): a client that sends
     # its headers and then trickles (or stalls) must not hold a connection and a worker forever.
@@ -276,6 +279,7 @@ def test_slow_body_is_cut_off_by_the_body_timeout(engine: mstar.Engine, tmp_path
         _serves(srv.url)
 
 
+@pytest.mark.slow
 def test_trickled_body_is_cut_off_by_the_same_deadline(engine: mstar.Engine, tmp_path: Path) -> None:
     # One byte every 0.2 s never lets a per-read idle timer fire: the deadline covers the whole body.
     with serve(engine, tmp_path / "u", body_timeout=1.0) as srv:

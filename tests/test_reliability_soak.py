@@ -1,27 +1,31 @@
 """The short soak: ~200 mixed requests (streamed or not, native and OpenAI, a quarter cancelled, some refused
 with 429) against real uvicorn servers of the fastest tiny models, and nothing may be lost.
 
-The long run (2,000+ requests, ``bench/soak.py --spawn``) is in docs/reliability.md.
+The long run (2,000+ requests, ``bench/soak.py --spawn``) is in docs/reliability.md; both use the driver in
+tests/helpers/soak.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import mstar
-from bench.soak import SoakConfig, SoakReport, run_soak
 from mstar.request import Request
-from tests.test_reliability_support import serve, shared_engine
+from tests.helpers.servers import serve
+from tests.helpers.soak import SoakConfig, SoakReport, run_soak
+
+pytestmark = pytest.mark.slow
 
 MODELS = ("fake", "pi05", "bagel")
 RSS_GROWTH_LIMIT_KB = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> SoakReport:
+def report(tmp_path_factory: pytest.TempPathFactory, shared_engine: Any) -> SoakReport:
     root = tmp_path_factory.mktemp("soak")
     engines = [shared_engine(m) for m in MODELS]
     # Small admission limits and more clients than they allow: some requests must be refused with 429.
@@ -75,6 +79,7 @@ def test_soak_reports_latency_percentiles(report: SoakReport) -> None:
 
 
 
+@pytest.mark.usefixtures("fake_models")
 def test_soak_harness_catches_faults_and_leftovers(tmp_path: Path) -> None:
     # The harness must see what it is there to see: failing requests as 5xx, a stray upload as a leftover.
     engine = mstar.Engine("fake", weights="tiny")

@@ -22,7 +22,9 @@ import requests
 
 import mstar
 from mstar.server import create_app
-from tests.test_server_support import ServerThread
+from tests.helpers.servers import ServerThread
+
+pytestmark = pytest.mark.usefixtures("fake_models")  # the fake families of tests/helpers/fakes.py
 
 CASES: list[dict[str, Any]] = json.loads((Path(__file__).parent / "data" / "server_bad_inputs.json").read_text())
 API_KEY = "corpus-key"

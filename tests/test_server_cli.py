@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from mstar.server import cli
-from tests.test_server_support import ServerThread
+from tests.helpers.servers import ServerThread
 
 FLAGS = ["--model", "--weights", "--host", "--port", "--device", "--dtype", "--upload-dir", "--max-upload-mb",
          "--max-concurrent", "--max-queue", "--allow-remote-media", "--api-key"]
@@ -34,6 +34,7 @@ def test_unknown_model_exits_with_a_message(capsys: pytest.CaptureFixture[str]) 
     assert "unknown model" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("fake_models")
 def test_server_answers_while_the_model_loads_then_becomes_ready(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     import uvicorn
 

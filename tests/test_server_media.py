@@ -20,7 +20,7 @@ from mstar.errors import InvalidParameterError, MediaError, PayloadTooLargeError
 from mstar.server import media_io
 from mstar.server.audio_encode import AUDIO_FORMATS, StreamingEncoder, TimeStretcher, encode_pcm16, wav_header
 from mstar.server.media_io import MediaPolicy, UploadScope, check_public_address, fetch_remote
-from tests.test_server_support import png_bytes
+from tests.helpers.media import png_bytes
 
 PNG = png_bytes()
 

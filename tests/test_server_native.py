@@ -16,7 +16,10 @@ import requests
 
 import mstar
 from mstar.server import create_app
-from tests.test_server_support import ServerThread, png_bytes
+from tests.helpers.media import png_bytes
+from tests.helpers.servers import ServerThread
+
+pytestmark = pytest.mark.usefixtures("fake_models")  # the fake families of tests/helpers/fakes.py
 
 
 @pytest.fixture(scope="module")

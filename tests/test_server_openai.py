@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import av
@@ -15,29 +14,20 @@ import pytest
 import requests
 
 import mstar
-from tests.test_server_support import ORPHEUS_RUNNER, Served, png_bytes, serving
+from tests.helpers.media import png_bytes
+from tests.helpers.servers import Served
 
 SPEECH_FORMATS = ["wav", "pcm", "flac", "mp3", "opus", "aac"]
 # Keep the tiny Orpheus short: six SNAC frames of seven tokens each.
 SHORT = {"max_output_tokens": 42}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """``served(model)``: a server for ``model``, started once per module."""
-    upload_dir = tmp_path_factory.mktemp("uploads")
-    with serving(upload_dir) as get:
-        yield get
-    assert list(upload_dir.iterdir()) == [], "uploads must be deleted when their request ends"
-
-
-def _speech_model(name: str) -> Any:
-    if name == "orpheus" and not ORPHEUS_RUNNER.exists():
-        return pytest.param(name, marks=pytest.mark.skip(reason="the tiny Orpheus runner is not in the tree yet"))
-    return name
-
-
-SPEECH_MODELS = [_speech_model("orpheus"), "fake"]
+# ``served`` (a server per model, started once per module) is the fixture of tests/conftest.py.
+# The tiny Orpheus is always in the tree (its weights are built in-process), so it needs no skip.
+SPEECH_MODELS = ["orpheus", "fake"]
+# Every (model, format): Orpheus decodes for real, so only its WAV is in the fast tier (the fake covers every format).
+SPEECH_SWEEP = [pytest.param(m, f, marks=pytest.mark.slow) if m == "orpheus" and f != "wav" else (m, f)
+                for m in SPEECH_MODELS for f in SPEECH_FORMATS]
 
 
 @pytest.fixture(params=SPEECH_MODELS)
@@ -176,7 +166,7 @@ def test_unknown_chat_key_lists_accepted_ones(chat: Served) -> None:
 # --------------------------------------------------------------------------- speech
 
 
-@pytest.mark.parametrize("fmt", SPEECH_FORMATS)
+@pytest.mark.parametrize(("speech", "fmt"), SPEECH_SWEEP, indirect=["speech"])
 def test_speech_encodes_every_format(speech: Served, fmt: str) -> None:
     voice = "tara" if speech.model == "orpheus" else "alpha"
     resp = speech.client.audio.speech.create(model=speech.model, input="hello there", voice=voice, response_format=fmt, extra_body=SHORT)  # type: ignore[arg-type]

@@ -49,6 +49,7 @@ def test_decoder_has_the_published_snac_24khz_decoder_names_and_shapes() -> None
     assert len(ours) > 100  # the whole decoder, not a subset
 
 
+@pytest.mark.slow
 def test_decode_matches_the_snac_package_on_the_same_weights() -> None:
     from snac import SNAC
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mstar.engine import Engine
-from mstar.errors import InvalidParameterError, InvalidRequestError, ShapeError
+from mstar.errors import InvalidParameterError, InvalidRequestError, MStarError, ShapeError
 from mstar.types import GenerateResult, TensorChunk
 from tests.fixtures.vjepa2_media import make_mp4, make_png
 
@@ -107,7 +107,7 @@ def test_score_with_a_goal_image_is_finite_and_deterministic(engine: Engine, cli
     ],
 )
 def test_bad_inputs_are_typed_400_errors(
-    engine: Engine, clip: bytes, kwargs: dict[str, Any], error: type, message: str
+    engine: Engine, clip: bytes, kwargs: dict[str, Any], error: type[MStarError], message: str
 ) -> None:
     with pytest.raises(error, match=message) as info:
         engine.generate(video=clip, output_modalities=("latent",), **kwargs)
@@ -139,13 +139,20 @@ def test_rollouts_at_the_same_length_share_encoder_and_predictor_forwards(engine
     ]
     for r in reqs:
         assert runner.admit(r)
-    enc0, rows0 = runner.encoder_forwards, len(runner.predictor_rows)
+    activity = runner.activity
+    enc0, pred0 = activity.forwards.get("encoder", 0), activity.forwards.get("predictor", 0)
+    predictor_rows = []
     for _ in range(3):
         runner.step(reqs)
+        predictor_rows.append(activity.last_rows["predictor"] if activity.forwards["predictor"] > pred0 else 0)
+        pred0 = activity.forwards["predictor"]
     assert all(r.done for r in reqs)
-    assert runner.encoder_forwards == enc0 + 1  # both clips' frames in one encoder forward
-    assert runner.predictor_rows[rows0:] == [2, 2, 2]  # both rollouts advance together, one frame per step
-    batched = reqs[1].events.get().to_numpy()
+    assert activity.forwards["encoder"] == enc0 + 1  # both clips' frames in one encoder forward
+    assert activity.last_rows["encoder"] == 2 * 2  # 2 context frames of each request
+    assert predictor_rows == [2, 2, 2]  # both rollouts advance together, one frame per step
+    event = reqs[1].events.get()
+    assert isinstance(event, TensorChunk)
+    batched = event.to_numpy()
     alone = _run(engine, video=clip, states=STATES, actions=ACTIONS * 2).to_numpy()
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)
 
@@ -156,10 +163,11 @@ def test_a_long_clip_is_encoded_over_several_steps_with_the_same_result(
     from mstar.models.vjepa2 import ac_runner
 
     whole = _run(engine, video=clip, mode="encode").to_numpy()
-    before = engine.runner.encoder_forwards  # type: ignore[attr-defined]
+    before = engine.stats()["forwards"]["encoder"]
     monkeypatch.setattr(ac_runner, "MAX_FRAMES_PER_ENCODE", 3)
     chunked = _run(engine, video=clip, mode="encode").to_numpy()
-    assert engine.runner.encoder_forwards - before == 2  # type: ignore[attr-defined]
+    assert engine.stats()["forwards"]["encoder"] - before == 2
+    assert engine.stats()["last_rows"]["encoder"] == 1  # 3 of the 4 frames, then the last one
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
 
 

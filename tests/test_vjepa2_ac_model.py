@@ -1,10 +1,16 @@
-"""V-JEPA 2-AC predictor: block-causal mask, parity with the release module, weights, pose arithmetic."""
+"""V-JEPA 2-AC predictor: block-causal mask, parity with the release module, weights, pose arithmetic.
+
+Parity with the release predictor (facebookresearch/vjepa2) runs on every run
+against outputs recorded from it (tests/fixtures/vjepa2_ac_reference_record.py
+says how, and at which commit); with ``MSTAR_REFS`` pointing at a directory
+holding a ``vjepa2/`` checkout, the same cases also run against it live.
+"""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,13 +18,13 @@ import torch
 
 from mstar.errors import WeightsError
 from mstar.models.vjepa2.checkpoint import ac_config_from_release, load_ac
-from mstar.models.vjepa2.config import AC_CONFIGS, ENCODER_CONFIGS, ACPredictorConfig
+from mstar.models.vjepa2.config import AC_CONFIGS, ENCODER_CONFIGS
 from mstar.models.vjepa2.pose import euler_to_matrix, matrix_to_euler, next_pose, pose_deltas
 from mstar.models.vjepa2.predictor import ACPredictor, block_causal_mask, frame_positions
+from tests.fixtures import vjepa2_ac_reference_record as recorded
 from tests.fixtures.vjepa2_checkpoints import save_hf_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REF_REPO = Path("/work/refs/vjepa2")
 CPU = torch.device("cpu")
 
 
@@ -77,64 +83,65 @@ def test_predictor_params_match_the_release_module_tree() -> None:
     assert ac_config_from_release(state, ENCODER_CONFIGS["vitg"]) == AC_CONFIGS["release"]
 
 
-def _release_predictor_class(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    """The release's vit_ac_predictor, imported with timm stubbed (it only needs drop_path) and then unloaded."""
-    if not (REF_REPO / "src/models/ac_predictor.py").is_file():
-        pytest.skip("the facebookresearch/vjepa2 clone is not on this machine")
-    layers = types.ModuleType("timm.models.layers")
-    layers.drop_path = lambda x, p, training: x  # type: ignore[attr-defined]
-    for name, mod in {
-        "timm": types.ModuleType("timm"),
-        "timm.models": types.ModuleType("timm.models"),
-        "timm.models.layers": layers,
-    }.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.syspath_prepend(str(REF_REPO))
-    before = set(sys.modules)
-    from src.models.ac_predictor import vit_ac_predictor  # type: ignore[import-not-found]
-
-    for name in set(sys.modules) - before:  # the clone's generic "src" package must not linger
-        del sys.modules[name]
-    return vit_ac_predictor
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # the reference enters torch.backends.cuda.sdp_kernel()
-@pytest.mark.parametrize("use_extrinsics", [False, True])
-def test_predictor_equals_the_release_reference(use_extrinsics: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    vit_ac_predictor = _release_predictor_class(monkeypatch)
-    cfg = ACPredictorConfig(
-        embed_dim=48,
-        predictor_embed_dim=64,
-        depth=2,
-        num_heads=4,
-        mlp_hidden_size=256,
-        crop_size=32,
-        max_frames=8,
-        use_extrinsics=use_extrinsics,
-    )
-    torch.manual_seed(0)
-    ref = vit_ac_predictor(
-        img_size=(32, 32),
-        patch_size=16,
-        num_frames=16,
-        tubelet_size=2,
-        embed_dim=48,
-        predictor_embed_dim=64,
-        depth=2,
-        num_heads=4,
-        use_extrinsics=use_extrinsics,
-    ).eval()
-    state = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}
-    ref.load_state_dict(state)
-    ours = ACPredictor(cfg).eval()
-    ours.load_state_dict(state, strict=True)
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(2, 3 * 4, 48, generator=g)
-    a, s, e = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 6, generator=g)
+def _ours(case: str) -> torch.Tensor:
+    """Our predictor's output on a recorded case (the same weights and inputs the reference ran on)."""
+    cfg = recorded.CASES[case]
+    model = ACPredictor(cfg).eval()
+    model.load_state_dict(recorded.case_weights(cfg), strict=True)
+    x = recorded.case_inputs(cfg)
     with torch.no_grad():
-        expected = ref(z, a, s, e if use_extrinsics else None)
-        got = ours(z, a, s, e if use_extrinsics else None)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        return model(x["latents"], x["actions"], x["states"], x["extrinsics"] if cfg.use_extrinsics else None)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def reference_outputs() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(recorded.FIXTURE), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+
+
+def test_the_reference_fixture_records_every_case_at_the_pinned_commit(
+    reference_outputs: tuple[dict[str, torch.Tensor], dict[str, str]],
+) -> None:
+    outputs, meta = reference_outputs
+    assert sorted(outputs) == sorted(recorded.CASES)
+    assert meta["reference_commit"] == recorded.REFERENCE_COMMIT
+    assert recorded.FIXTURE.stat().st_size < 64 * 1024
+
+
+@pytest.mark.parametrize("case", sorted(recorded.CASES))
+def test_predictor_equals_the_recorded_release_reference(
+    case: str, reference_outputs: tuple[dict[str, torch.Tensor], dict[str, str]]
+) -> None:
+    outputs, meta = reference_outputs
+    cfg = recorded.CASES[case]
+    rerecord = f"re-record with: {recorded.COMMAND}"
+    assert recorded.tensors_sha256(recorded.case_weights(cfg)) == meta[f"{case}.weights_sha256"], (
+        f"the tiny predictor weights of case {case!r} are not the ones the reference ran on; {rerecord}"
+    )
+    assert recorded.tensors_sha256(recorded.case_inputs(cfg)) == meta[f"{case}.inputs_sha256"], (
+        f"the inputs of case {case!r} are not the ones the reference ran on; {rerecord}"
+    )
+    expected = outputs[case]
+    assert expected.shape == (recorded.ROLLOUTS, recorded.FRAMES * cfg.tokens_per_frame, cfg.embed_dim)
+    torch.testing.assert_close(_ours(case), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(recorded.CASES))
+def test_predictor_equals_the_live_release_reference(
+    case: str,
+    reference_checkout: Callable[..., Path],
+    reference_outputs: tuple[dict[str, torch.Tensor], dict[str, str]],
+) -> None:
+    checkout = reference_checkout("vjepa2", "src/models/ac_predictor.py", origin="github.com/facebookresearch/vjepa2")
+    cfg = recorded.CASES[case]
+    with recorded.reference_module(checkout) as module, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the reference enters torch.backends.cuda.sdp_kernel()
+        expected = recorded.run_reference(module, cfg)
+    torch.testing.assert_close(_ours(case), expected, rtol=1e-5, atol=1e-5)
+    # The recorded outputs are still what the reference computes (same commit, or one that kept its numerics).
+    torch.testing.assert_close(reference_outputs[0][case], expected, rtol=1e-5, atol=1e-5)
 
 
 def _release_blob(encoder: torch.nn.Module, predictor: torch.nn.Module, layers: int) -> dict[str, object]:

@@ -54,6 +54,7 @@ def test_encoder_config_reads_the_published_transformers_config() -> None:
     assert encoder_config_from_hf(vitg.to_dict()) == ENCODER_CONFIGS["vitg"]
 
 
+@pytest.mark.slow
 def test_tiny_latents_equal_transformers_vjepa2model() -> None:
     from transformers import VJEPA2Config, VJEPA2Model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from mstar.engine import Engine
 from mstar.errors import InvalidRequestError, MediaError, ShapeError
 from mstar.media import decode_video, normalize_media
 from mstar.models.vjepa2.preprocess import normalize, resize_center_crop
-from mstar.types import GenerateResult
+from mstar.types import GenerateResult, TensorChunk
 from tests.fixtures.vjepa2_media import make_mp4
 
 
@@ -23,7 +24,7 @@ def engine() -> Iterator[Engine]:
     eng.close()
 
 
-def _latent(engine: Engine, video: bytes, **kw: object) -> np.ndarray:
+def _latent(engine: Engine, video: bytes, **kw: Any) -> np.ndarray:
     res = engine.generate(video=video, output_modalities=("latent",), **kw)
     assert isinstance(res, GenerateResult) and res.finish_reason == "stop"
     (chunk,) = res.tensors
@@ -76,13 +77,18 @@ def test_same_shape_clips_share_one_forward(engine: Engine) -> None:
     ]
     for r in reqs:
         assert runner.admit(r)
-    batches_before = len(runner.batch_sizes)  # type: ignore[attr-defined]
+    forwards = runner.activity.forwards.get("encoder", 0)
     runner.step(reqs)
-    assert runner.batch_sizes[batches_before:] == [2]  # type: ignore[attr-defined]
+    assert runner.activity.forwards["encoder"] - forwards == 1  # one forward ...
+    assert runner.activity.last_rows["encoder"] == 2  # ... over both 4-frame clips
     assert [r.done for r in reqs] == [True, False, True]
     runner.step([reqs[1]])
     assert reqs[1].done
-    batched = reqs[0].events.get().to_numpy()
+    assert runner.activity.forwards["encoder"] - forwards == 2 and runner.activity.last_rows["encoder"] == 1
+    assert engine.stats()["forwards"]["encoder"] == runner.activity.forwards["encoder"]
+    event = reqs[0].events.get()
+    assert isinstance(event, TensorChunk)
+    batched = event.to_numpy()
     alone = _latent(engine, reqs[0].inputs.video[0].data)
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)
 

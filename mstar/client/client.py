@@ -18,6 +18,7 @@ import requests
 from mstar._sugar import GenerateSugar
 from mstar.errors import InvalidRequestError, NotFoundError, ProtocolError, TransportError
 from mstar.media import MediaArg
+from mstar.protocol import check_request_id
 from mstar.types import GenerateResult
 
 from .form import build_form
@@ -103,11 +104,7 @@ class MStarClient(GenerateSugar[ClientEventStream]):
         The request id is made here when not given, so it is known before the
         first event arrives (for :meth:`cancel`).
         """
-        rid = request_id if request_id is not None else uuid.uuid4().hex
-        if not isinstance(rid, str) or not rid or len(rid) > 256:
-            raise InvalidRequestError(
-                "request_id must be a non-empty string of at most 256 characters", param="request_id"
-            )
+        rid = check_request_id(request_id if request_id is not None else uuid.uuid4().hex)
         data, files = build_form(
             text=text,
             images=images,

@@ -17,46 +17,13 @@ from typing import Any
 
 from mstar.errors import InvalidParameterError, InvalidRequestError, MediaError
 from mstar.media import EXTENSIONS, MediaArg, MediaItem, modality_for_filename, normalize_media
+from mstar.protocol import parse_modalities
+from mstar.sniff import sniff_extension
 
 __all__ = ["FileField", "build_form", "encode_model_kwargs", "join_modalities", "name_upload"]
 
 # (field name, (filename, bytes, content type)): the shape requests wants for ``files=``.
 FileField = tuple[str, tuple[str, bytes, str]]
-
-_DEFAULT_EXT = {"image": ".png", "audio": ".wav", "video": ".mp4"}
-
-
-def _sniff_extension(data: bytes, modality: str) -> str:
-    """Guess a file extension from magic bytes; the modality's default when unknown."""
-    head = data[:16]
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ".png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return ".jpg"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return ".gif"
-    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        return ".webp"
-    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
-        return ".wav"
-    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
-        return ".avi"
-    if head.startswith(b"BM") and modality == "image":
-        return ".bmp"
-    if head.startswith(b"fLaC"):
-        return ".flac"
-    if head.startswith(b"OggS"):
-        return ".ogg"
-    if head.startswith(b"ID3") or (
-        len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and modality == "audio"
-    ):
-        return ".mp3"
-    if head[4:8] == b"ftyp":
-        # The same ISO container carries both; the argument says which one was meant.
-        return ".m4a" if modality == "audio" else ".mp4"
-    if head.startswith(b"\x1aE\xdf\xa3"):
-        return ".webm"
-    return _DEFAULT_EXT[modality]
 
 
 def name_upload(item: MediaItem) -> MediaItem:
@@ -75,9 +42,11 @@ def name_upload(item: MediaItem) -> MediaItem:
             param=item.modality,
         )
     stem = os.path.splitext(os.path.basename(item.name))[0] or item.modality
-    ext = _sniff_extension(item.data, item.modality)
-    if ext not in EXTENSIONS[item.modality]:  # e.g. WebM bytes passed as audio: keep the caller's word
-        ext = _DEFAULT_EXT[item.modality]
+    ext = sniff_extension(item.data, item.modality)
+    if ext not in EXTENSIONS[item.modality]:
+        # Not recognised, or another modality's format (WebM bytes passed as audio): keep the caller's
+        # word with the modality's first extension (.png, .wav, .mp4); the server checks the content.
+        ext = EXTENSIONS[item.modality][0]
     return MediaItem(stem + ext, item.data, item.modality)
 
 
@@ -86,16 +55,10 @@ def _content_type(name: str) -> str:
 
 
 def join_modalities(value: Sequence[str] | str | None, name: str) -> str | None:
-    """``("text", "audio")`` -> ``"text,audio"``; a string passes through; None stays None."""
-    if value is None:
-        return None
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    if not all(isinstance(p, str) for p in parts):
-        raise InvalidRequestError(f"{name} must be modality names (strings), got {value!r}", param=name)
-    cleaned = [p.strip().lower() for p in parts if p.strip()]
-    if not cleaned:
-        raise InvalidRequestError(f"{name} must name at least one modality", param=name)
-    return ",".join(cleaned)
+    """``("text", "audio")`` or ``"Text, audio"`` -> ``"text,audio"``; None stays None (see
+    :func:`mstar.protocol.parse_modalities`, which the server and the Engine apply too)."""
+    names = parse_modalities(value, name)
+    return None if names is None else ",".join(names)
 
 
 def _json_default(value: Any) -> Any:

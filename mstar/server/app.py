@@ -11,11 +11,10 @@ from litestar import Litestar
 from litestar.middleware import DefineMiddleware
 
 from mstar.server.body_timeout import BodyTimeoutMiddleware
-from mstar.server.context import ServerState, auth_guard
+from mstar.server.call import auth_guard
 from mstar.server.errors import exception_handlers
-from mstar.server.media_io import MediaPolicy
 from mstar.server.routes import ALL_ROUTES
-from mstar.server.state import Admission, EngineHolder, ServerConfig
+from mstar.server.state import EngineHolder, ServerConfig, ServerState
 
 if TYPE_CHECKING:
     from mstar.engine import Engine
@@ -64,16 +63,7 @@ def create_app(
         if model is not None and model != holder.info.name:
             raise ValueError(f"model={model!r} does not match the engine's {holder.info.name!r}")
 
-    state = ServerState(
-        holder=holder,
-        config=config,
-        admission=Admission(config.max_concurrent, config.max_queue, config.retry_after_s),
-        media_policy=MediaPolicy(
-            max_bytes=config.max_upload_bytes,
-            allow_remote=config.allow_remote_media,
-            remote_timeout=config.remote_timeout,
-        ),
-    )
+    state = ServerState.build(holder, config)
 
     def on_startup() -> None:
         if factory is not None and not holder.ready:

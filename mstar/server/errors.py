@@ -1,6 +1,6 @@
 """The one place where exceptions become HTTP error responses.
 
-Every error, on every route and mid-stream too, has the OpenAI shape
+Every error, on every route and mid-stream too (see :mod:`mstar.server.sse`), has the OpenAI shape
 ``{"error": {"message", "type", "param", "code"}}`` with a string ``code``:
 mstar's typed errors carry their own ``status_code`` and ``code``; framework
 errors (unknown route, wrong method, oversized body) are mapped to the
@@ -9,7 +9,6 @@ matching mstar error; anything else is a 500 whose detail stays in the log.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any
@@ -37,7 +36,6 @@ __all__ = [
     "error_chunk",
     "error_response",
     "exception_handlers",
-    "sse_error",
 ]
 
 log = logging.getLogger("mstar.server")
@@ -122,11 +120,6 @@ def error_chunk(exc: BaseException) -> ErrorChunk:
     """The in-band NDJSON error line for ``exc`` (after streaming began)."""
     err = as_mstar_error(exc)
     return ErrorChunk(status=err.status_code, message=err.message, code=str(err.code))
-
-
-def sse_error(exc: BaseException) -> bytes:
-    """A mid-stream SSE error event (same shape as every other error)."""
-    return f"data: {json.dumps(error_body(exc))}\n\n".encode()
 
 
 def _handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -29,6 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 from mstar.errors import MediaError, PayloadTooLargeError
 from mstar.media import EXTENSIONS, modality_for_filename
+from mstar.sniff import sniff_extension
 
 __all__ = [
     "MediaPolicy",
@@ -36,7 +37,6 @@ __all__ = [
     "check_public_address",
     "extension_for_mime",
     "fetch_remote",
-    "sniff_extension",
 ]
 
 _MIME_EXT: dict[str, str] = {
@@ -89,31 +89,6 @@ def extension_for_mime(mime: str) -> str:
     return ext
 
 
-def sniff_extension(data: bytes) -> str | None:
-    """Guess a file extension from magic bytes (for bare base64 with no format)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ".png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return ".jpg"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return ".gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return ".wav"
-    if data.startswith(b"fLaC"):
-        return ".flac"
-    if data.startswith(b"OggS"):
-        return ".ogg"
-    if data.startswith(b"ID3") or data[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
-        return ".mp3"
-    if data[4:8] == b"ftyp":
-        return ".mp4"
-    if data.startswith(b"\x1a\x45\xdf\xa3"):
-        return ".webm"
-    return None
-
-
 def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MiB"
 
@@ -164,7 +139,7 @@ class UploadScope:
     def save_base64(self, b64: str, fmt: str | None, expected: str | None = None) -> tuple[str, Path]:
         """A bare base64 blob; ``fmt`` (e.g. ``"wav"``) names its format, else it is sniffed."""
         data = _b64decode(b64, f"{expected or 'media'} data", self.policy.max_bytes)
-        ext = ("." + fmt.lower().lstrip(".")) if fmt else sniff_extension(data)
+        ext = ("." + fmt.lower().lstrip(".")) if fmt else sniff_extension(data, expected)
         if ext is None:
             raise MediaError("cannot tell the format of base64 media; use a data URL with a MIME type")
         return self.save(data, ext, expected)
@@ -175,7 +150,7 @@ class UploadScope:
             raise MediaError("data URLs must look like data:<mime>;base64,<payload>")
         data = _b64decode(m.group("data"), "data URL payload", self.policy.max_bytes)
         mime = m.group("mime")
-        ext = extension_for_mime(mime) if mime else sniff_extension(data)
+        ext = extension_for_mime(mime) if mime else sniff_extension(data, expected)
         if ext is None:
             raise MediaError("data URL has no MIME type and its content is not recognised")
         return self.save(data, ext, expected)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +27,6 @@ __all__ = [
     "parse_chat",
     "parse_edit_form",
     "parse_image",
-    "parse_json_object",
     "parse_speech",
 ]
 
@@ -86,47 +84,6 @@ class ImageEditRequest(ImageRequest):
 
 
 # --------------------------------------------------------------------------- field helpers
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a JSON request body that must be an object."""
-    if not raw.strip():
-        raise InvalidRequestError("the request body is empty; send a JSON object")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("the request body is not valid JSON: it is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"the request body must be a JSON object, got {type(doc).__name__}")
-    if _SURROGATE_ESCAPE.search(raw) is not None:
-        _check_unicode(doc)
-    return doc
-
-
-# A \uD800-\uDFFF escape: the only way a JSON body can carry a lone surrogate (not valid Unicode text).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _check_unicode(value: Any) -> None:
-    """Refuse strings holding lone UTF-16 surrogates: they cannot be encoded, so tokenizers would fail on them."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequestError(
-                    "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
-                    "text must be valid Unicode"
-                ) from None
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
 
 
 def _str(body: dict[str, Any], key: str, *, required: bool = False, default: str | None = None) -> str | None:

@@ -1,4 +1,11 @@
-"""The server's shared state: settings, the (possibly still loading) engine, admission control."""
+"""The server's one state object, :class:`ServerState`, and what it is made of.
+
+``app.state["mstar"]`` holds a :class:`ServerState`: the settings
+(:class:`ServerConfig`, the CLI flags), the engine (:class:`EngineHolder`,
+possibly still loading), admission control (:class:`Admission`), the media
+policy, and the served model's OpenAI adapter lookup. Routes reach it with
+:func:`server_state`.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,24 @@ import asyncio
 import logging
 import tempfile
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mstar.errors import NotReadyError, RateLimitError
+from mstar.errors import NotFoundError, NotReadyError, RateLimitError, UnknownModelError
 from mstar.registry import ModelInfo, get_model_info
+from mstar.server.adapters import OpenAIAdapter, get_adapter_class
+from mstar.server.media_io import MediaPolicy, UploadScope
 
 if TYPE_CHECKING:
+    from litestar.connection import ASGIConnection
+
     from mstar.engine import Engine
 
-__all__ = ["Admission", "EngineHolder", "ServerConfig"]
+__all__ = ["Admission", "EngineHolder", "ServerConfig", "ServerState", "server_state"]
 
 log = logging.getLogger("mstar.server")
 
@@ -126,8 +137,13 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def free(self) -> bool:
+        """True when :meth:`acquire` would not wait."""
+        return self.running < self.max_concurrent and not self._waiters
+
     async def acquire(self) -> None:
-        if self.running < self.max_concurrent and not self._waiters:
+        if self.free:
             self.running += 1
             return
         if len(self._waiters) >= self.max_queue:
@@ -157,13 +173,69 @@ class Admission:
                 return
         self.running -= 1
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
     def stats(self) -> dict[str, int]:
         return {"running": self.running, "waiting": self.waiting, "max_concurrent": self.max_concurrent, "max_queue": self.max_queue}
+
+
+@dataclass(slots=True)
+class ServerState:
+    """Everything the routes share: ``app.state["mstar"]``."""
+
+    holder: EngineHolder
+    config: ServerConfig
+    admission: Admission
+    media_policy: MediaPolicy
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def build(cls, holder: EngineHolder, config: ServerConfig) -> ServerState:
+        return cls(
+            holder=holder,
+            config=config,
+            admission=Admission(config.max_concurrent, config.max_queue, config.retry_after_s),
+            media_policy=MediaPolicy(
+                max_bytes=config.max_upload_bytes,
+                allow_remote=config.allow_remote_media,
+                remote_timeout=config.remote_timeout,
+            ),
+        )
+
+    @property
+    def model(self) -> str:
+        return self.holder.info.name
+
+    def uploads(self) -> UploadScope:
+        """A fresh scope for one request's media (deleted when it closes)."""
+        return UploadScope(self.config.resolve_upload_dir(), self.media_policy)
+
+    # ---- the OpenAI surface
+    def adapter(self, model_field: str | None = None, surface: str | None = None) -> OpenAIAdapter:
+        """The served model's adapter, checking the request's ``model`` and the surface (404 if none)."""
+        cls = get_adapter_class(self.model)
+        if cls is None:
+            raise NotFoundError(
+                f"model {self.model!r} has no OpenAI-compatible surface (its outputs have no OpenAI shape); "
+                "use POST /generate or the Python SDK"
+            )
+        if model_field is not None:
+            self.check_model(model_field)
+        adapter = cls(self.holder.engine)
+        if surface is not None and surface not in adapter.surfaces():
+            raise adapter.no_surface(surface.replace("_", " "))
+        return adapter
+
+    def has_openai_surface(self) -> bool:
+        return get_adapter_class(self.model) is not None
+
+    def serves(self, name: str) -> bool:
+        """True when ``name`` is the served model's name or hub id."""
+        return name in (self.model, self.holder.info.hub_id)
+
+    def check_model(self, name: str) -> None:
+        if not self.serves(name):
+            raise UnknownModelError(name, [self.model])
+
+
+def server_state(connection: ASGIConnection[Any, Any, Any, Any]) -> ServerState:
+    state: ServerState = connection.app.state["mstar"]
+    return state

@@ -1,32 +1,50 @@
-"""Bridging the Engine's blocking event streams into the event loop.
+"""Engine events in the event loop, and streamed responses.
 
-Engine calls block (media decoding in ``validate``, waiting for events), so
-they run on threads: :func:`submit` builds and queues the request on a worker
-thread, and :class:`AsyncEvents` pumps one request's events from a thread
-into an ``asyncio.Queue``. Closing it cancels the request in the engine, which
-ends it within one model step. :func:`collect_or_cancel` gathers a
-non-streaming request while watching for the client going away.
+Engine calls block (media decoding in ``validate``), so :func:`submit` builds
+and queues a request on a worker thread. Its events then reach the event loop
+without a thread of their own: :class:`AsyncEvents` registers a wake-up
+callback on the request's queue (:meth:`mstar.engine.EventStream.listen`);
+the scheduler thread, after queueing an event, schedules the wake-up with
+``loop.call_soon_threadsafe`` (only when the reader waits), and the loop then
+drains the queue without blocking. Closing :class:`AsyncEvents` cancels the
+request in the engine, which ends it within one model step.
+
+:func:`unless_disconnected` awaits something (an admission slot, every event
+of a request) while watching for the client going away; :func:`stream_response`
+turns a route's byte generator into a streamed response whose errors before
+the first chunk are proper HTTP errors, and which always closes its events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+from litestar.response import Stream
 
-from mstar.types import Event, Finished
+from mstar.types import Event
 
 if TYPE_CHECKING:
     from mstar.engine import Engine, EventStream
 
-__all__ = ["AsyncEvents", "ClientDisconnected", "collect_or_cancel", "submit"]
+__all__ = [
+    "AsyncEvents",
+    "ClientDisconnected",
+    "StreamResponse",
+    "collect",
+    "stream_response",
+    "submit",
+    "unless_disconnected",
+]
 
-_END = object()
-# How often the pump thread looks up from the engine's queue to see whether it was closed.
-_POLL_S = 0.1
+log = logging.getLogger("mstar.server")
+
+T = TypeVar("T")
+Receive = Callable[[], Awaitable[Any]]
 
 
 class ClientDisconnected(Exception):
@@ -49,88 +67,143 @@ class AsyncEvents:
     """Async iterator over an :class:`EventStream`; :meth:`close` cancels the request."""
 
     def __init__(self, stream: EventStream, on_close: Callable[[], None] | None = None) -> None:
-        self.stream = stream
+        self._stream = stream
         self._on_close = on_close
         self.request_id = stream.request_id
-        self.finished: Finished | None = None
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"mstar-pump-{self.request_id[:8]}", daemon=True)
-        self._thread.start()
+        self._wakeup = asyncio.Event()
+        # Set by the reader before it looks at the queue; the producer wakes the loop only then.
+        self._armed = True
+        stream.listen(self._notify)
 
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            self._stop.set()
-
-    def _pump(self) -> None:
-        while not self._stop.is_set():
+    def _notify(self) -> None:
+        """Called on the scheduler thread after each event is queued."""
+        if self._armed:
+            self._armed = False
             try:
-                ev = self.stream.next_event(_POLL_S)
-            except StopIteration:
-                break
-            except BaseException as exc:  # the request failed: hand the typed error to the consumer
-                self._put(exc)
-                return
-            if ev is None:
-                continue
-            self._put(ev)
-            if isinstance(ev, Finished):
-                break
-        self._put(_END)
+                self._loop.call_soon_threadsafe(self._wakeup.set)
+            except RuntimeError:  # the loop is closed (server shutting down)
+                pass
 
     def __aiter__(self) -> AsyncEvents:
         return self
 
     async def __anext__(self) -> Event:
-        item = await self._queue.get()
-        if item is _END:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, Finished):
-            self.finished = item
-        return item  # type: ignore[no-any-return]
+        while True:
+            self._wakeup.clear()
+            self._armed = True  # before polling: an event queued after the poll wakes us
+            try:
+                ev = self._stream.next_event(0)  # never blocks; a failed request raises its typed error
+            except StopIteration:
+                raise StopAsyncIteration from None
+            if ev is not None:
+                return ev
+            await self._wakeup.wait()
 
     def close(self) -> None:
-        """Stop pumping, cancel the request if it still runs, run ``on_close`` once (synchronous)."""
-        self._stop.set()
-        self.stream.close()
+        """Stop listening, cancel the request if it still runs, run ``on_close`` once (synchronous)."""
+        self._stream.listen(None)
+        self._stream.close()
         callback, self._on_close = self._on_close, None
         if callback is not None:
             callback()
 
 
-async def collect_or_cancel(
-    events: AsyncEvents, receive: Callable[[], Awaitable[Any]]
-) -> list[Event]:
-    """Gather every event, then close ``events``; if the client disconnects first,
-    cancel the request and raise :class:`ClientDisconnected` (answered 499).
+async def unless_disconnected(awaitable: Awaitable[T], receive: Receive) -> T:
+    """Await ``awaitable`` unless the client disconnects first: then cancel it and raise
+    :class:`ClientDisconnected` (answered 499).
 
     ``receive`` is the ASGI receive of a request whose body was already read,
     so its next message is ``http.disconnect`` when the client goes away.
     """
 
+    async def watch() -> None:
+        while (await receive()).get("type") != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(awaitable)
+    watch_task = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()  # or re-raise its error
+    raise ClientDisconnected()
+
+
+async def collect(events: AsyncEvents, receive: Receive) -> list[Event]:
+    """Gather every event, then close ``events``; a client that disconnects first cancels the request."""
+
     async def gather() -> list[Event]:
         return [ev async for ev in events]
 
-    async def watch() -> None:
-        while True:
-            message = await receive()
-            if message.get("type") == "http.disconnect":
-                return
-
-    gather_task = asyncio.ensure_future(gather())
-    watch_task = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({gather_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        return await unless_disconnected(gather(), receive)
     finally:
-        watch_task.cancel()
-        if not gather_task.done():
-            gather_task.cancel()
         events.close()  # cancels the request if it still runs; frees its admission slot
-    if gather_task.done() and not gather_task.cancelled():
-        return gather_task.result()
-    raise ClientDisconnected()
+
+
+class StreamResponse(Stream):
+    """A streaming response whose own media type wins (Litestar otherwise prefers the handler's JSON default)."""
+
+    def to_asgi_response(self, *args: Any, media_type: Any = None, **kwargs: Any) -> Any:
+        return super().to_asgi_response(*args, media_type=None, **kwargs)
+
+
+async def stream_response(
+    events: AsyncEvents,
+    body: AsyncGenerator[bytes, None],
+    *,
+    media_type: str,
+    headers: Mapping[str, str] | None = None,
+    what: str = "",
+    on_error: Callable[[Exception], bytes] | None = None,
+) -> StreamResponse:
+    """Stream ``body`` (the route's encoding of ``events``), closing ``events`` when it ends.
+
+    ``body`` runs to its first chunk before the status line goes out, so an error
+    before it is a proper HTTP error (a body that must answer 200 whatever
+    happens yields ``b""`` first). A later error is logged and, with
+    ``on_error``, ends the stream with the chunk it makes; without, the
+    response is cut short.
+    """
+
+    async def guarded() -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in body:
+                yield chunk
+        except Exception as exc:
+            log.warning("%srequest %s failed mid-stream: %s", f"{what} " if what else "", events.request_id, exc)
+            if on_error is None:
+                raise
+            yield on_error(exc)
+        finally:
+            events.close()
+            with contextlib.suppress(Exception):
+                await body.aclose()
+
+    return StreamResponse(await _prime(guarded()), media_type=media_type, headers=dict(headers or {}))
+
+
+async def _prime(agen: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """Run a response generator to its first chunk; once started, its ``finally`` is guaranteed
+    to run (on completion, on client disconnect, or when it is garbage-collected)."""
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = b""
+
+    async def chained() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                yield first
+            async for chunk in agen:
+                yield chunk
+        finally:
+            with contextlib.suppress(Exception):
+                await agen.aclose()
+
+    return chained()

@@ -16,7 +16,7 @@ import torch
 
 from mstar.codecs.flux_vae import AutoEncoder
 from mstar.layers.attention import AttnBatch
-from mstar.layers.flow import patchify_latent
+from mstar.layers.flow import patchify_latent, unpatchify_latent
 from mstar.layers.kv_cache import KVCache
 from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.model import Bagel
@@ -159,8 +159,6 @@ class BagelForward:
 
     def decode_image(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Latent tokens to an RGB uint8 image [H, W, 3] (on the CPU)."""
-        from mstar.layers.flow import unpatchify_latent
-
         latent = unpatchify_latent(tokens.float(), h, w, self.cfg.latent_patch_size, self.cfg.vae.z_channels)
         img = self.vae.decode(latent[None].to(self.device, torch.float32))[0]
         # Truncation (not rounding) to uint8, as the reference does.

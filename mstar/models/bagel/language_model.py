@@ -20,7 +20,7 @@ from mstar.layers.norms import RMSNorm
 from mstar.layers.rotary import RotaryEmbedding, apply_rotary
 from mstar.models.bagel.config import LLMConfig
 
-__all__ = ["Qwen2MoTForCausalLM", "RMSNorm"]
+__all__ = ["Qwen2MoTForCausalLM"]
 
 
 def _mlp(cfg: LLMConfig) -> GatedMLP:
@@ -117,7 +117,6 @@ class Qwen2MoTForCausalLM(nn.Module):
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
-        self.cfg = cfg
         self.model = Qwen2MoTModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

@@ -78,7 +78,6 @@ class Connector(nn.Module):
 class Bagel(nn.Module):
     def __init__(self, cfg: BagelConfig) -> None:
         super().__init__()
-        self.cfg = cfg
         hidden = cfg.llm.hidden_size
         self.language_model = Qwen2MoTForCausalLM(cfg.llm)
         self.time_embedder = TimestepEmbedder(hidden, cfg.timestep_embed_dim)

@@ -1,14 +1,18 @@
-"""Checking a BAGEL request before it is queued: parts, images, output size, context length.
+"""Checking a BAGEL request before it is queued: kwargs, parts, images, output size, context length.
 
-Runs on the caller's thread (``ModelRunner.validate``): bad input raises a
-typed error here, and the decoded, resized images travel with the request.
+Both steps run on the caller's thread. :func:`validate_params_for` checks the
+user's kwargs (``Request.params``); :func:`prepare_request` decodes and resizes
+the images, orders the context parts and checks that everything fits in one
+KV slot, returning the runner-private :class:`BagelPrepared`
+(``Request.prepared``). Bad input raises a typed error in either.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,6 +23,7 @@ from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.inputs import (
     GEN_THINK_SYSTEM_PROMPT,
     VLM_THINK_SYSTEM_PROMPT,
+    Part,
     fit_size,
     image_to_tensor,
     parts_from_inputs,
@@ -27,9 +32,69 @@ from mstar.models.bagel.inputs import (
 from mstar.models.bagel.tokenizer import TextTokenizer
 from mstar.request import RequestInputs
 
-__all__ = ["DEFAULT_SIZE", "decode_on_white", "prepare_request", "with_marker_ids"]
+__all__ = [
+    "DEFAULT_SIZE",
+    "BagelPrepared",
+    "Mode",
+    "PreparedImage",
+    "check_params",
+    "decode_on_white",
+    "prepare_request",
+    "with_marker_ids",
+]
 
 DEFAULT_SIZE = 1024
+
+Mode = Literal["chat", "image"]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """One input image, resized for the ViT and, when painting, for the VAE (the edit source)."""
+
+    vit: torch.Tensor  # [3, h, w] in [-1, 1], sides multiples of the ViT patch
+    vae: torch.Tensor | None  # [3, H, W] in [-1, 1] at the output size; None for chat
+
+
+@dataclass(frozen=True, slots=True)
+class BagelPrepared:
+    """What the runner needs of a request, built before it is queued."""
+
+    mode: Mode  # "chat" answers with text; "image" paints (after a plan, in think mode)
+    parts: tuple[Part, ...]  # the context in order, the think-mode system prompt first
+    images: tuple[PreparedImage, ...]  # indexed by the image parts
+    size: tuple[int, int] | None  # (width, height) of the image to paint; None for chat
+    context_len: int  # positions the parts fill in the conditional context
+
+
+def _mode_of(output_modalities: tuple[str, ...]) -> Mode:
+    return "image" if "image" in output_modalities else "chat"
+
+
+def check_params(
+    cfg: BagelConfig, inputs: RequestInputs, output_modalities: tuple[str, ...], p: dict[str, Any]
+) -> dict[str, Any]:
+    """Check the kwargs ``p`` (already typed and ranged) and fill the defaults that depend on the request."""
+    interval = p["cfg_interval"]
+    if len(interval) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval):
+        raise InvalidParameterError("cfg_interval must be two numbers [start, end]", param="cfg_interval")
+    p["cfg_interval"] = [float(interval[0]), float(interval[1])]
+    if p["cfg_interval"][0] > p["cfg_interval"][1]:
+        raise InvalidParameterError("cfg_interval must be [start, end] with start <= end", param="cfg_interval")
+    stride, top = cfg.latent_downsample, cfg.max_image_side
+    for name in ("width", "height"):
+        v = p[name]
+        if v is None:
+            continue
+        if _mode_of(output_modalities) != "image":
+            raise InvalidParameterError(f"{name} applies to image output only", param=name)
+        if v % stride or not stride <= v <= top:
+            raise InvalidParameterError(
+                f"{name} must be a multiple of {stride} between {stride} and {top}; got {v}", param=name
+            )
+    if p["cfg_img_scale"] is None:
+        p["cfg_img_scale"] = 2.0 if inputs.images else 1.0
+    return p
 
 
 def prepare_request(
@@ -38,106 +103,79 @@ def prepare_request(
     max_len: int,
     inputs: RequestInputs,
     output_modalities: tuple[str, ...],
-    p: dict[str, Any],
-) -> dict[str, Any]:
-    """Check a request and stash what the runner needs under ``_`` keys of its params ``p``.
-
-    ``_mode`` ("chat" or "image"), ``_parts`` (ordered text and image parts),
-    ``_images`` (resized tensors for the ViT and, when painting, the VAE) and
-    ``_size`` (the output width and height).
-    """
+    p: Mapping[str, Any],
+) -> BagelPrepared:
+    """Decode and place the inputs of a checked request and make sure its context fits ``max_len``."""
     if inputs.audio or inputs.video:
         raise InvalidRequestError("BAGEL accepts text and images only", param="input_modalities")
     images = [decode_on_white(item) for item in inputs.images]
     parts = parts_from_inputs(inputs.text, inputs.messages, len(images))
     if not any(pt.kind == "text" for pt in parts) and "image" in output_modalities:
         raise InvalidRequestError("image generation and editing need a text prompt", param="text")
-    mode = "image" if "image" in output_modalities else "chat"
-    p["_mode"] = mode
-    interval = p["cfg_interval"]
-    if len(interval) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval):
-        raise InvalidParameterError("cfg_interval must be two numbers [start, end]", param="cfg_interval")
-    p["cfg_interval"] = [float(interval[0]), float(interval[1])]
-    if p["cfg_interval"][0] > p["cfg_interval"][1]:
-        raise InvalidParameterError("cfg_interval must be [start, end] with start <= end", param="cfg_interval")
-    if mode != "image":
-        for name in ("width", "height"):
-            if p[name] is not None:
-                raise InvalidParameterError(f"{name} applies to image output only", param=name)
-    if p["cfg_img_scale"] is None:
-        p["cfg_img_scale"] = 2.0 if images else 1.0
-    p["_size"] = _output_size(cfg, p, images, mode)
-    p["_images"] = _prepare_images(cfg, images, mode, p["_size"])
-    p["_parts"] = parts
-    _check_length(cfg, tokenizer, max_len, p)
-    return p
+    mode = _mode_of(output_modalities)
+    if p["think_mode"]:
+        parts.insert(0, Part("text", text=GEN_THINK_SYSTEM_PROMPT if mode == "image" else VLM_THINK_SYSTEM_PROMPT))
+    size = _output_size(cfg, p, images) if mode == "image" else None
+    prepared = _prepare_images(cfg, images, size)
+    context_len = _context_len(cfg, tokenizer, parts, prepared)
+    _check_length(cfg, max_len, context_len, size, think=p["think_mode"])
+    return BagelPrepared(mode=mode, parts=tuple(parts), images=prepared, size=size, context_len=context_len)
 
 
-def _output_size(cfg: BagelConfig, p: dict[str, Any], images: list[np.ndarray], mode: str) -> tuple[int, int] | None:
+def _output_size(cfg: BagelConfig, p: Mapping[str, Any], images: list[np.ndarray]) -> tuple[int, int]:
     """(width, height) of the image to paint: asked for, else the edited image's size, else 1024 (capped)."""
-    if mode != "image":
-        return None
-    stride, top = cfg.latent_downsample, cfg.max_image_side
     w, h = p["width"], p["height"]
     if w is None and h is None and images:
         last = images[-1]
-        return fit_size(last.shape[1], last.shape[0], cfg.vae_image_max, cfg.vae_image_min, stride)
-    w = w if w is not None else (h if h is not None else min(DEFAULT_SIZE, top))
+        return fit_size(last.shape[1], last.shape[0], cfg.vae_image_max, cfg.vae_image_min, cfg.latent_downsample)
+    w = w if w is not None else (h if h is not None else min(DEFAULT_SIZE, cfg.max_image_side))
     h = h if h is not None else w
-    for name, v in (("width", w), ("height", h)):
-        if v % stride or not stride <= v <= top:
-            raise InvalidParameterError(
-                f"{name} must be a multiple of {stride} between {stride} and {top}; got {v}", param=name
-            )
     return int(w), int(h)
 
 
 def _prepare_images(
-    cfg: BagelConfig, images: list[np.ndarray], mode: str, size: tuple[int, int] | None
-) -> list[dict[str, torch.Tensor]]:
-    """Resize each image for the ViT (always) and, when painting, for the VAE (the edit source)."""
+    cfg: BagelConfig, images: list[np.ndarray], size: tuple[int, int] | None
+) -> tuple[PreparedImage, ...]:
+    """Resize each image for the ViT (always) and, when painting, for the VAE at the output size."""
     out = []
     c = cfg
     for i, rgb in enumerate(images):
         if min(rgb.shape[:2]) < 2:
             raise MediaError(f"image {i} is too small ({rgb.shape[1]}x{rgb.shape[0]})", param="image")
         vw, vh = fit_size(rgb.shape[1], rgb.shape[0], c.vit_image_max, c.vit_image_min, c.vit.patch_size)
-        entry = {"vit": image_to_tensor(resize_image(rgb, vw, vh))}
-        if mode == "image":
-            # The edit source is painted over at the output size.
-            assert size is not None
-            entry["vae"] = image_to_tensor(resize_image(rgb, size[0], size[1]))
-        out.append(entry)
-    return out
+        vit = image_to_tensor(resize_image(rgb, vw, vh))
+        # The edit source is painted over at the output size.
+        vae = None if size is None else image_to_tensor(resize_image(rgb, size[0], size[1]))
+        out.append(PreparedImage(vit=vit, vae=vae))
+    return tuple(out)
 
 
-def _context_len(cfg: BagelConfig, tokenizer: TextTokenizer, p: dict[str, Any]) -> int:
+def _context_len(
+    cfg: BagelConfig, tokenizer: TextTokenizer, parts: list[Part], images: tuple[PreparedImage, ...]
+) -> int:
     c = cfg
     n = 0
-    if p["think_mode"]:
-        sys_prompt = GEN_THINK_SYSTEM_PROMPT if p["_mode"] == "image" else VLM_THINK_SYSTEM_PROMPT
-        n += len(tokenizer.encode(sys_prompt)) + 2
-    for part in p["_parts"]:
+    for part in parts:
         if part.kind == "text":
             n += len(tokenizer.encode(part.text)) + 2
         else:
-            img = p["_images"][part.image]
-            _, vh, vw = img["vit"].shape
+            img = images[part.image]
+            _, vh, vw = img.vit.shape
             n += (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
-            if "vae" in img:
-                _, h, w = img["vae"].shape
+            if img.vae is not None:
+                _, h, w = img.vae.shape
                 n += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
     return n
 
 
-def _check_length(cfg: BagelConfig, tokenizer: TextTokenizer, max_len: int, p: dict[str, Any]) -> None:
-    ctx = _context_len(cfg, tokenizer, p)
-    p["_context_len"] = ctx
-    need = ctx
-    if p["_mode"] == "image":
-        w, h = p["_size"]
+def _check_length(
+    cfg: BagelConfig, max_len: int, context_len: int, size: tuple[int, int] | None, *, think: bool
+) -> None:
+    need = context_len
+    if size is not None:
+        w, h = size
         need += (w // cfg.latent_downsample) * (h // cfg.latent_downsample) + 2
-        if p["think_mode"]:
+        if think:
             need += 8  # room for at least a short plan
     else:
         need += 2

@@ -10,6 +10,13 @@ requests of a step share one forward whose rows are every request's guidance
 branches, then each request emits ``Progress``;
 ``vae`` decodes the clean latent and emits the PNG.
 
+Sizing (:meth:`BagelRunner.default_sizing`, overridable through
+:class:`~mstar.settings.RunnerSettings`): ``max_batch_size`` is the number of
+KV slots, one per context (a chat holds one, an image request up to three),
+``max_seq_len`` the positions of each. ``stats()`` counts the calls of
+``prefill`` (one per request), ``decode`` (rows: requests), ``denoise``
+(rows: guidance branches of all requests in that forward) and ``vae``.
+
 ``num_timesteps`` counts the points of the time grid from 1 to 0, as in the
 reference: N points give N - 1 Euler steps (Progress 1 .. N-1 of N), and
 reaching the last point, t = 0, is the VAE decode (Progress N of N).
@@ -19,10 +26,9 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -35,18 +41,16 @@ from mstar.layers.rotary import RotaryEmbedding
 from mstar.layers.sampling import SamplingParams, sample_tokens
 from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.forward import BagelForward, Context, LatentRow
-from mstar.models.bagel.inputs import (
-    GEN_THINK_SYSTEM_PROMPT,
-    VLM_THINK_SYSTEM_PROMPT,
-    Part,
-)
 from mstar.models.bagel.model import Bagel
-from mstar.models.bagel.prepare import prepare_request, with_marker_ids
+from mstar.models.bagel.prepare import BagelPrepared, check_params, prepare_request, with_marker_ids
 from mstar.models.bagel.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from mstar.models.bagel.weights import CHECKPOINT_FILES, build_models, load_checkpoint, load_tiny
 from mstar.models.base import ModelRunner
 from mstar.models.params import Param, validate_params
+from mstar.registry import get_model_info
 from mstar.request import Request, RequestInputs
+from mstar.settings import RunnerSettings, Sizing
+from mstar.stats import RunnerStats
 from mstar.types import ImageChunk, Progress, TextChunk
 from mstar.weights import TINY, resolve_checkpoint_dir
 
@@ -55,20 +59,26 @@ __all__ = ["BagelRunner"]
 log = logging.getLogger("mstar.bagel")
 
 
-@dataclass
-class _Denoise:
+Phase = Literal["prefill", "decode", "denoise", "vae"]
+
+
+@dataclass(slots=True)
+class Denoising:
+    """A request's latent on its way from noise to image."""
+
     x: torch.Tensor  # [N, p*p*z] float32 latent tokens
-    h: int
-    w: int
-    times: list[float]
+    h: int  # latent grid rows
+    w: int  # latent grid columns
+    times: list[float]  # the grid points from 1 down, t = 0 excluded (``step`` indexes them)
     dts: list[float]
     step: int = 0
 
 
-@dataclass
-class _State:
-    mode: str  # "chat" | "image"
-    phase: str = "prefill"
+@dataclass(slots=True)
+class BagelState:
+    """One running request: its phase, its contexts (one KV slot each) and its decoding or denoising."""
+
+    phase: Phase = "prefill"
     ctx: dict[str, Context] = field(default_factory=dict)  # "cond", "text" (no last text), "img" (no images)
     # decoding
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -78,10 +88,15 @@ class _State:
     emitted: str = ""
     saved_len: int = 0  # cond context length before think-mode decoding
     saved_rope: int = 0
-    denoise: _Denoise | None = None
+    denoise: Denoising | None = None
+
+    @property
+    def denoising(self) -> Denoising:
+        assert self.denoise is not None, "the request has not started denoising"
+        return self.denoise
 
 
-class BagelRunner(ModelRunner):
+class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
     """ByteDance BAGEL-7B-MoT: understanding and generation experts over one Qwen2 backbone."""
 
     name = "bagel"
@@ -103,22 +118,22 @@ class BagelRunner(ModelRunner):
         "max_output_tokens": Param(int, 1024, min=1, max=32768),
     }
 
-    def __init__(self, *, weights: str | None, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(weights=weights, device=device, dtype=dtype)
+    def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
+        super().__init__(weights=weights, settings=settings)
+        device, dtype = self.device, self.dtype
         if weights == TINY:
             self.cfg = BagelConfig.tiny()
             model, vae = build_models(self.cfg)
             load_tiny(self.cfg, model, vae)
             self.tokenizer: TextTokenizer = ByteTokenizer()
-            num_slots, max_len = 12, 2048
         else:
-            root = resolve_checkpoint_dir(weights or self.info.hub_id, allow_patterns=CHECKPOINT_FILES)
+            source = weights or get_model_info(self.name).hub_id
+            root = resolve_checkpoint_dir(source, allow_patterns=CHECKPOINT_FILES)
             self.cfg = BagelConfig.from_checkpoint_dir(root)
             model, vae = build_models(self.cfg, device="meta")
             load_checkpoint(root, model, vae, device, dtype)
             self.tokenizer = load_tokenizer(root)
             self.cfg = with_marker_ids(self.cfg, self.tokenizer)
-            num_slots, max_len = 8, 16384
         self.model: Bagel = model.to(device=device, dtype=dtype).eval()
         self.vae: AutoEncoder = vae.to(device=device, dtype=torch.float32).eval()
         # RoPE frequencies are not in the checkpoint: rebuild them in float32 on the target device
@@ -129,34 +144,37 @@ class BagelRunner(ModelRunner):
         llm = self.cfg.llm
         self.cache = KVCache(
             num_layers=llm.num_hidden_layers,
-            num_slots=num_slots,
-            max_len=max_len,
+            num_slots=self.sizing.max_batch_size,  # one slot per context: a request holds one to three
+            max_len=self.sizing.max_seq_len,
             num_kv_heads=llm.num_key_value_heads,
             head_dim=llm.head_dim,
             device=device,
             dtype=dtype,
         )
         self.fwd = BagelForward(self.model, self.vae, self.cache, self.cfg)
-        self.denoise_batch_rows: list[int] = []  # rows per denoising forward (for tests and stats)
-        self.last_denoise_forward_s = 0.0
 
-    # ------------------------------------------------------------------ validation
+    @classmethod
+    def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
+        """KV slots and positions per slot: 12 x 2048 for the tiny model, 8 x 16384 for BAGEL-7B."""
+        if weights == TINY:
+            return Sizing(max_batch_size=12, max_seq_len=2048)
+        return Sizing(max_batch_size=8, max_seq_len=16384)
+
+    # ------------------------------------------------------------------ caller's thread
     def validate(
         self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
     ) -> dict[str, Any]:
-        return prepare_request(
-            self.cfg,
-            self.tokenizer,
-            self.cache.max_len,
-            inputs,
-            output_modalities,
-            validate_params(self.params, kwargs),
-        )
+        return check_params(self.cfg, inputs, output_modalities, validate_params(self.params, kwargs))
+
+    def prepare(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]
+    ) -> BagelPrepared:
+        return prepare_request(self.cfg, self.tokenizer, self.cache.max_len, inputs, output_modalities, params)
 
     # ------------------------------------------------------------------ life cycle
     def _branches(self, req: Request) -> list[str]:
         p = req.params
-        if p["_mode"] != "image":
+        if self.prepared(req).mode != "image":
             return ["cond"]
         out = ["cond"]
         if p["cfg_text_scale"] > 1.0:
@@ -174,39 +192,38 @@ class BagelRunner(ModelRunner):
                 )
             return False
         p = req.params
-        st = _State(mode=p["_mode"])
+        st = BagelState(sampling=SamplingParams(temperature=p["temperature"], top_p=p["top_p"]))
         for name in names:
             slot = self.cache.allocate()
             assert slot is not None
             st.ctx[name] = Context(slot)
-        st.sampling = SamplingParams(temperature=p["temperature"], top_p=p["top_p"])
         req.state = st
         return True
 
     def release(self, req: Request) -> None:
         st = req.state
-        if isinstance(st, _State):
+        if isinstance(st, BagelState):
             for ctx in st.ctx.values():
                 self.cache.free(ctx.slot)
             st.ctx.clear()
 
-    def stats(self) -> dict[str, Any]:
-        rows = self.denoise_batch_rows
-        return {
-            "kv_slots_used": self.cache.slots_used,
-            "kv_slots_total": self.cache.num_slots,
-            "denoise_forwards": len(rows),
-            "denoise_rows_last": rows[-1] if rows else 0,
-            "denoise_forward_s_last": self.last_denoise_forward_s,
-        }
+    def stats(self) -> RunnerStats:
+        """KV slots (contexts) in use, and per component ("prefill", "decode", "denoise", "vae") the calls
+        made and their rows; a denoising forward's rows are the guidance branches of every request in it."""
+        return RunnerStats(
+            kv_slots_used=self.cache.slots_used,
+            kv_slots_total=self.cache.num_slots,
+            kv_bytes=self.cache.nbytes,
+            activity=self.activity,
+        )
 
     # ------------------------------------------------------------------ stepping
     @torch.inference_mode()
     def step(self, reqs: list[Request]) -> None:
-        decoding = [r for r in reqs if r.state.phase == "decode"]
-        denoising = [r for r in reqs if r.state.phase == "denoise"]
+        decoding = [r for r in reqs if self.state(r).phase == "decode"]
+        denoising = [r for r in reqs if self.state(r).phase == "denoise"]
         for req in reqs:
-            phase = req.state.phase
+            phase = self.state(req).phase
             if phase not in ("prefill", "vae"):
                 continue
             try:
@@ -224,13 +241,10 @@ class BagelRunner(ModelRunner):
 
     # ---- prefill
     def _prefill(self, req: Request) -> None:
-        p, st = req.params, req.state
+        prep, st = self.prepared(req), self.state(req)
         fwd, cache = self.fwd, self.cache
         cond = st.ctx["cond"]
-        parts: list[Part] = list(p["_parts"])
-        if p["think_mode"]:
-            sys_prompt = GEN_THINK_SYSTEM_PROMPT if st.mode == "image" else VLM_THINK_SYSTEM_PROMPT
-            parts.insert(0, Part("text", text=sys_prompt))
+        parts = prep.parts
         last_text = (
             max(i for i, pt in enumerate(parts) if pt.kind == "text") if any(pt.kind == "text" for pt in parts) else -1
         )
@@ -245,14 +259,14 @@ class BagelRunner(ModelRunner):
                 fwd.text(cond, ids)
                 req.input_tokens += len(ids) + 2
             else:
-                img = p["_images"][part.image]
-                if "vae" in img:
-                    tokens = fwd.encode_latents(img["vae"], req.generator)
-                    _, hh, ww = img["vae"].shape
+                img = prep.images[part.image]
+                if img.vae is not None:
+                    tokens = fwd.encode_latents(img.vae, req.generator)
+                    _, hh, ww = img.vae.shape
                     fwd.vae_image(cond, tokens, hh // self.cfg.latent_downsample, ww // self.cfg.latent_downsample)
                     req.input_tokens += tokens.shape[0] + 2
                 before = cache.lengths[cond.slot]
-                fwd.vit_image(cond, img["vit"])
+                fwd.vit_image(cond, img.vit)
                 req.input_tokens += cache.lengths[cond.slot] - before
         img_ctx = st.ctx.get("img")
         if img_ctx is not None:
@@ -260,38 +274,41 @@ class BagelRunner(ModelRunner):
             for part in parts:
                 if part.kind == "text":
                     fwd.text(img_ctx, self.tokenizer.encode(part.text))
-        if st.mode == "chat" or p["think_mode"]:
+        self.activity.record("prefill", 1)
+        if prep.mode == "chat" or req.params["think_mode"]:
             self._start_decode(req)
         else:
             self._start_denoise(req)
 
     def _start_decode(self, req: Request) -> None:
-        st = req.state
+        st, prep = self.state(req), self.prepared(req)
         cond = st.ctx["cond"]
         st.saved_len, st.saved_rope = self.cache.lengths[cond.slot], cond.rope
         room = self.cache.room(cond.slot)
-        if st.mode == "image":
-            w, h = req.params["_size"]
+        if prep.size is not None:
+            w, h = prep.size
             room -= (w // self.cfg.latent_downsample) * (h // self.cfg.latent_downsample) + 2 + 2
         st.max_tokens = max(1, min(req.params["max_output_tokens"], room - 1))
         st.next_token = self.cfg.bos_token_id  # the answer opens with <|im_start|>
         st.phase = "decode"
 
     def _start_denoise(self, req: Request) -> None:
-        st, p = req.state, req.params
-        w, h = p["_size"]
+        st, p, size = self.state(req), req.params, self.prepared(req).size
+        assert size is not None, "only image requests denoise"
+        w, h = size
         gh, gw = h // self.cfg.latent_downsample, w // self.cfg.latent_downsample
         gen = req.generator
         noise = torch.randn((gh * gw, self.cfg.patch_latent_dim), generator=gen, device=gen.device, dtype=torch.float32)
         times, dts = timestep_schedule(p["num_timesteps"], p["timestep_shift"])
-        st.denoise = _Denoise(noise.to(self.device), gh, gw, times.tolist(), dts.tolist())
+        st.denoise = Denoising(noise.to(self.device), gh, gw, times.tolist(), dts.tolist())
         st.phase = "denoise"
 
     # ---- text
     def _decode(self, reqs: list[Request]) -> None:
-        ctxs = [r.state.ctx["cond"] for r in reqs]
-        logits = self.fwd.decode_step(ctxs, [r.state.next_token for r in reqs])
-        picks = sample_tokens(logits, [r.state.sampling for r in reqs], [r.generator for r in reqs]).tolist()
+        states = [self.state(r) for r in reqs]
+        logits = self.fwd.decode_step([st.ctx["cond"] for st in states], [st.next_token for st in states])
+        self.activity.record("decode", len(reqs))
+        picks = sample_tokens(logits, [st.sampling for st in states], [r.generator for r in reqs]).tolist()
         for req, tok in zip(reqs, picks, strict=True):
             try:
                 self._after_token(req, int(tok))
@@ -300,7 +317,7 @@ class BagelRunner(ModelRunner):
                 req.fail(exc)
 
     def _after_token(self, req: Request, tok: int) -> None:
-        st = req.state
+        st = self.state(req)
         done = tok == self.cfg.eos_token_id
         if not done:
             st.generated.append(tok)
@@ -311,7 +328,7 @@ class BagelRunner(ModelRunner):
             st.next_token = tok
             return
         self._emit_text(req, final=True)
-        if st.mode == "chat":
+        if self.prepared(req).mode == "chat":
             req.finish("stop" if done else "length")
             return
         # Think mode: drop the decoding pass's cache and add the plan as a proper text part.
@@ -322,7 +339,7 @@ class BagelRunner(ModelRunner):
         self._start_denoise(req)
 
     def _emit_text(self, req: Request, *, final: bool) -> None:
-        st = req.state
+        st = self.state(req)
         text = self.tokenizer.decode(st.generated)
         if not final:
             text = text.rstrip("\ufffd")  # hold back a partial UTF-8 character
@@ -335,19 +352,16 @@ class BagelRunner(ModelRunner):
         rows: list[LatentRow] = []
         plan: list[tuple[Request, list[str], bool]] = []
         for req in reqs:
-            st, p = req.state, req.params
-            d = st.denoise
+            st, p = self.state(req), req.params
+            d = st.denoising
             t = d.times[d.step]
             guided = cfg_active(t, tuple(p["cfg_interval"])) and "text" in st.ctx
             names = ["cond"] + ([n for n in ("text", "img") if n in st.ctx] if guided else [])
             lat = self.fwd.latent_embeddings(d.x, t, d.h, d.w)
             rows.extend(LatentRow(st.ctx[n], lat) for n in names)
             plan.append((req, names, guided))
-        self.denoise_batch_rows.append(len(rows))
-        del self.denoise_batch_rows[:-10000]
-        started = time.perf_counter()
         vs = self.fwd.velocities(rows)
-        self.last_denoise_forward_s = time.perf_counter() - started
+        self.activity.record("denoise", len(rows))
         i = 0
         for req, names, guided in plan:
             preds = dict(zip(names, vs[i : i + len(names)], strict=True))
@@ -359,8 +373,8 @@ class BagelRunner(ModelRunner):
                 req.fail(exc)
 
     def _advance(self, req: Request, preds: dict[str, torch.Tensor], guided: bool) -> None:
-        st, p = req.state, req.params
-        d = st.denoise
+        st, p = self.state(req), req.params
+        d = st.denoising
         v = preds["cond"]
         if guided:
             v = combine_guidance(
@@ -380,9 +394,11 @@ class BagelRunner(ModelRunner):
 
     def _paint(self, req: Request) -> None:
         """The final timestep: decode the clean latent, report step N of N, emit the PNG."""
-        p, d = req.params, req.state.denoise
+        p, d, size = req.params, self.state(req).denoising, self.prepared(req).size
+        assert size is not None, "only image requests paint"
         rgb = self.fwd.decode_image(d.x, d.h, d.w).numpy()
-        w, h = p["_size"]
+        self.activity.record("vae", 1)
+        w, h = size
         req.emit(Progress(p["num_timesteps"], p["num_timesteps"], "denoise"))
         req.emit(ImageChunk(_png(rgb), {"width": w, "height": h}))
         req.finish("stop")

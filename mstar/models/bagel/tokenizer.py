@@ -15,7 +15,7 @@ from typing import Protocol
 from mstar.errors import WeightsError
 from mstar.models.qwen_tokenizer import QWEN2_SPECIAL_TOKENS, SpecialByteEncoder, byte_level_chars
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "QWEN2_SPECIAL_TOKENS", "TextTokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "TextTokenizer", "load_tokenizer"]
 
 
 class TextTokenizer(Protocol):
@@ -85,10 +85,8 @@ class HFTokenizer:
         return str(self._tok.decode(ids, skip_special_tokens=False))
 
 
-def load_tokenizer(checkpoint_dir: Path | None) -> TextTokenizer:
-    """The checkpoint's tokenizer (``None``: the offline byte-level one)."""
-    if checkpoint_dir is None:
-        return ByteTokenizer()
+def load_tokenizer(checkpoint_dir: Path) -> TextTokenizer:
+    """The checkpoint's tokenizer (tiny weights use :class:`ByteTokenizer` instead)."""
     if not ((checkpoint_dir / "tokenizer.json").is_file() or (checkpoint_dir / "vocab.json").is_file()):
         raise WeightsError(f"no tokenizer (tokenizer.json or vocab.json + merges.txt) in {str(checkpoint_dir)!r}")
     try:

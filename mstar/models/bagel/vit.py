@@ -59,7 +59,6 @@ class SiglipVisionModel(nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.cfg = cfg
         self.vision_model = _VisionTransformer(cfg)
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.model import Bagel
 from mstar.weights import tiny_state_dict
 
-__all__ = ["CHECKPOINT_FILES", "build_models", "load_checkpoint", "load_tiny", "param_shapes"]
+__all__ = ["CHECKPOINT_FILES", "build_models", "load_checkpoint", "load_tiny"]
 
 CHECKPOINT_FILES = [
     "ema.safetensors",
@@ -24,11 +24,6 @@ CHECKPOINT_FILES = [
     "*.txt",
     "*.json",
 ]
-
-
-def param_shapes(module: nn.Module) -> dict[str, list[int]]:
-    """Names and shapes of everything the checkpoint holds for ``module`` (parameters and persistent buffers)."""
-    return {k: list(v.shape) for k, v in module.state_dict().items()}
 
 
 def build_models(cfg: BagelConfig, device: torch.device | str = "cpu") -> tuple[Bagel, AutoEncoder]:

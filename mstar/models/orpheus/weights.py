@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from mstar.codecs.snac import SNACConfig, SNACDecoder
 from mstar.errors import WeightsError
 from mstar.layers.llama import LlamaConfig, LlamaForCausalLM
 from mstar.models.orpheus.config import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, CODES_PER_FRAME
-from mstar.weights import resolve_checkpoint_dir, tiny_state_dict
+from mstar.weights import component_override, resolve_checkpoint_dir, tiny_state_dict
 
 __all__ = ["SNAC_HUB_ID", "build_tiny", "load_llama", "load_snac", "snac_location"]
 
@@ -155,9 +154,9 @@ def load_llama(ckpt: Path, *, device: torch.device, dtype: torch.dtype) -> Llama
 
 def snac_location(ckpt: Path | None) -> str:
     """Where the codec comes from (see the module docstring for the order)."""
-    env = os.environ.get("MSTAR_SNAC_WEIGHTS")
-    if env:
-        return env
+    override = component_override("snac")
+    if override:
+        return override
     if ckpt is not None:
         for sub in ("snac_24khz", "snac"):
             if (ckpt / sub / "config.json").is_file():

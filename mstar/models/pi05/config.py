@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class Pi05Config:
     max_cameras: int = 3
     rope_theta: float = 10000.0
     state_bins: int = 256
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         # The expert reads the VLM's cache layer by layer, so the two stacks must agree on it.
@@ -59,9 +58,7 @@ class Pi05Config:
 
     def digest(self) -> dict[str, Any]:
         """A JSON-able summary (keys the tiny weights cache)."""
-        out = asdict(self)
-        out.pop("extra")
-        return out
+        return asdict(self)
 
 
 FULL = Pi05Config(
@@ -110,5 +107,4 @@ def config_from_lerobot(path: Path) -> Pi05Config:
         min_period=float(raw.get("min_period", cfg.min_period)),
         max_period=float(raw.get("max_period", cfg.max_period)),
         max_text_tokens=int(raw.get("tokenizer_max_length", cfg.max_text_tokens)),
-        extra={"config_json": raw},
     )

@@ -9,11 +9,10 @@ tests can pin it on hand-computed values.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-__all__ = ["euler_dt", "euler_sample", "euler_time", "euler_update", "time_embedding"]
+__all__ = ["euler_dt", "euler_time", "euler_update", "time_embedding"]
 
 
 def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
@@ -46,14 +45,3 @@ def euler_update(x: torch.Tensor, v: torch.Tensor, num_steps: torch.Tensor | int
         return x + euler_dt(num_steps) * v
     dt = (-1.0 / num_steps.to(x.dtype)).view(-1, *([1] * (x.dim() - 1)))
     return x + dt * v
-
-
-def euler_sample(
-    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, num_steps: int
-) -> torch.Tensor:
-    """Integrate ``velocity(x, t)`` from ``noise`` at t=1 to t=0 (the whole loop, for tests and offline use)."""
-    x = noise
-    for k in range(num_steps):
-        t = torch.full((noise.shape[0],), euler_time(k, num_steps), dtype=torch.float32, device=noise.device)
-        x = euler_update(x, velocity(x, t), num_steps)
-    return x

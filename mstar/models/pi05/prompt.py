@@ -9,7 +9,6 @@ with a leading BOS.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -17,12 +16,11 @@ from typing import Protocol
 import numpy as np
 
 from mstar.errors import WeightsError
+from mstar.weights import hub_offline
 
 __all__ = [
     "BOS_ID",
-    "EOS_ID",
     "NEWLINE_ID",
-    "PAD_ID",
     "ByteTokenizer",
     "HFTokenizer",
     "Tokenizer",
@@ -31,8 +29,8 @@ __all__ = [
     "load_paligemma_tokenizer",
 ]
 
-# PaliGemma (Gemma) special ids.
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# PaliGemma (Gemma) ids the prompt uses.
+BOS_ID = 2
 NEWLINE_ID = 108
 #: Gemma's byte-fallback tokens <0x00>..<0xFF> start here.
 BYTE_BASE = 217
@@ -65,7 +63,7 @@ def build_prompt(task: str, state: Sequence[float], bins: int = 256) -> str:
 class ByteTokenizer:
     """Offline tokenizer for the tiny variant: one token per UTF-8 byte at Gemma's byte-fallback ids.
 
-    Special tokens sit at PaliGemma's real ids (pad 0, eos 1, bos 2, "\\n" 108),
+    BOS and "\\n" sit at PaliGemma's real ids (2 and 108),
     so prompts have the same layout as with the real tokenizer.
     """
 
@@ -103,8 +101,8 @@ def load_paligemma_tokenizer(checkpoint_dir: Path) -> HFTokenizer:
     try:
         from huggingface_hub import hf_hub_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        return HFTokenizer(Path(hf_hub_download(PALIGEMMA_TOKENIZER_REPO, "tokenizer.json", local_files_only=offline)))
+        file = hf_hub_download(PALIGEMMA_TOKENIZER_REPO, "tokenizer.json", local_files_only=hub_offline())
+        return HFTokenizer(Path(file))
     except WeightsError:
         raise
     except Exception as exc:

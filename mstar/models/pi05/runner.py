@@ -41,20 +41,28 @@ from mstar.models.pi05.prompt import (
 )
 from mstar.models.pi05.weights import load_checkpoint, tiny_model
 from mstar.request import Request, RequestInputs
+from mstar.settings import RunnerSettings, Sizing
+from mstar.stats import RunnerStats
 from mstar.types import Progress, TensorChunk
 from mstar.weights import TINY as TINY_WEIGHTS
 from mstar.weights import resolve_checkpoint_dir
 
-__all__ = ["Pi05Runner"]
+__all__ = ["Pi05Prepared", "Pi05Runner"]
 
 MAX_NUM_STEPS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Pi05Prepared:
+    """What :meth:`Pi05Runner.prepare` builds in the caller's thread."""
+
+    tokens: list[int]  # BOS + the tokenized prompt (task text and discretised robot state)
+    pixels: torch.Tensor  # [cameras, 3, S, S] float32 in [-1, 1]
 
 
 @dataclass(slots=True)
 class _State:
     slot: int | None
-    tokens: list[int]
-    pixels: torch.Tensor | None  # [cameras, 3, S, S], dropped after prefill
     horizon: int
     num_steps: int
     x: torch.Tensor  # [chunk, action_dim] float32: noise at t=1, actions at t=0
@@ -62,8 +70,19 @@ class _State:
     step: int = 0
 
 
-class Pi05Runner(ModelRunner):
-    """The runner of the ``pi05`` family (see the module docstring)."""
+def _sizing(cfg: Pi05Config, weights: str | None) -> Sizing:
+    """KV slots (8 for the tiny variant, 16 otherwise), each long enough for the longest prefix plus a chunk."""
+    return Sizing(max_batch_size=8 if weights == TINY_WEIGHTS else 16, max_seq_len=cfg.max_prefix_len + cfg.chunk_size)
+
+
+class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
+    """The runner of the ``pi05`` family (see the module docstring).
+
+    ``sizing.max_batch_size`` is the number of KV slots (requests running at
+    once) and ``sizing.max_seq_len`` the positions of each: a request needs
+    its prefix (``cfg.image_tokens`` per camera, 256 at 224 px, plus the
+    prompt) and one action chunk; :meth:`prepare` refuses one that does not fit.
+    """
 
     name = "pi05"
     params: ClassVar[Mapping[str, Param]] = {
@@ -72,35 +91,57 @@ class Pi05Runner(ModelRunner):
         "action_horizon": Param(int, default=None, doc="actions returned, 1 to the checkpoint's chunk size (50)"),
     }
 
-    def __init__(
-        self, *, weights: str | None, device: torch.device, dtype: torch.dtype, num_slots: int | None = None
-    ) -> None:
-        super().__init__(weights=weights, device=device, dtype=dtype)
-        self.model, self.cfg, self.tokenizer = _load(weights, device, dtype)
+    def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
+        super().__init__(weights=weights, settings=settings)
+        self.model, self.cfg, self.tokenizer = _load(weights, self.device, self.dtype)
         cfg = self.cfg
+        # The checkpoint's config.json may change the prefix length: size from the config actually loaded.
+        self.sizing = settings.resolve(_sizing(cfg, weights))
         self.cache = KVCache(
             num_layers=cfg.vlm.depth,
-            num_slots=num_slots or (8 if weights == TINY_WEIGHTS else 16),
-            max_len=cfg.max_prefix_len + cfg.chunk_size,
+            num_slots=self.sizing.max_batch_size,
+            max_len=self.sizing.max_seq_len,
             num_kv_heads=cfg.vlm.num_kv_heads,
             head_dim=cfg.vlm.head_dim,
-            device=device,
+            device=self.device,
             dtype=self.model.dtype,
         )
-        #: Counters: how many batched calls each phase made, and how many rows they carried.
-        self.counters = {
-            "prefill_batches": 0,
-            "prefill_rows": 0,
-            "denoise_batches": 0,
-            "denoise_rows": 0,
-            "max_denoise_batch": 0,
-        }
+
+    @classmethod
+    def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
+        return _sizing(TINY if weights == TINY_WEIGHTS else FULL, weights)
 
     # ------------------------------------------------------------------ caller thread
     def validate(
         self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
     ) -> dict[str, Any]:
         params = validate_params(self.params, kwargs)
+        cfg = self.cfg
+        expected_state = f"a list of floats of shape (d,) with 1 <= d <= {cfg.max_state_dim}, normalised to [-1, 1]"
+        if params["robot_state"] is None:
+            raise ShapeError(f"pi05 needs robot_state: {expected_state}", param="robot_state")
+        state = finite_floats(params["robot_state"])
+        if state is None:
+            raise InvalidParameterError(
+                f"robot_state must be {expected_state}; got {params['robot_state']!r}", param="robot_state"
+            )
+        if not 1 <= len(state) <= cfg.max_state_dim:
+            raise ShapeError(f"robot_state has shape ({len(state)},); expected {expected_state}", param="robot_state")
+
+        horizon = params["action_horizon"]
+        horizon = cfg.chunk_size if horizon is None else horizon
+        if not 1 <= horizon <= cfg.chunk_size:
+            raise InvalidParameterError(
+                f"action_horizon must be between 1 and {cfg.chunk_size} (the checkpoint's chunk size; the output has "
+                f"shape (action_horizon, {cfg.action_dim})); got {horizon}",
+                param="action_horizon",
+            )
+        params.update(robot_state=state, action_horizon=horizon, num_steps=params["num_steps"] or cfg.num_steps)
+        return params
+
+    def prepare(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]
+    ) -> Pi05Prepared:
         cfg = self.cfg
         if inputs.messages:
             raise InvalidRequestError("pi05 takes the task instruction as text=..., not messages", param="messages")
@@ -126,40 +167,21 @@ class Pi05Runner(ModelRunner):
                 for i, item in enumerate(inputs.images)
             ]
         )
-
-        expected_state = f"a list of floats of shape (d,) with 1 <= d <= {cfg.max_state_dim}, normalised to [-1, 1]"
-        if params["robot_state"] is None:
-            raise ShapeError(f"pi05 needs robot_state: {expected_state}", param="robot_state")
-        state = finite_floats(params["robot_state"])
-        if state is None:
-            raise InvalidParameterError(
-                f"robot_state must be {expected_state}; got {params['robot_state']!r}", param="robot_state"
-            )
-        if not 1 <= len(state) <= cfg.max_state_dim:
-            raise ShapeError(f"robot_state has shape ({len(state)},); expected {expected_state}", param="robot_state")
-
-        horizon = params["action_horizon"]
-        horizon = cfg.chunk_size if horizon is None else horizon
-        if not 1 <= horizon <= cfg.chunk_size:
-            raise InvalidParameterError(
-                f"action_horizon must be between 1 and {cfg.chunk_size} (the checkpoint's chunk size; the output has "
-                f"shape (action_horizon, {cfg.action_dim})); got {horizon}",
-                param="action_horizon",
-            )
-        tokens = [BOS_ID, *self.tokenizer.encode(build_prompt(task, state, cfg.state_bins))]
+        tokens = [BOS_ID, *self.tokenizer.encode(build_prompt(task, params["robot_state"], cfg.state_bins))]
         if len(tokens) > cfg.max_text_tokens:
             raise InvalidParameterError(
                 f"the prompt (task text and robot state) is {len(tokens)} tokens; pi05 accepts at most {cfg.max_text_tokens}",
                 param="text",
             )
-        params.update(
-            robot_state=state,
-            action_horizon=horizon,
-            num_steps=params["num_steps"] or cfg.num_steps,
-            _pixels=pixels,
-            _tokens=tokens,
-        )
-        return params
+        needed = n * cfg.image_tokens + len(tokens) + cfg.chunk_size
+        if needed > self.sizing.max_seq_len:
+            raise InvalidRequestError(
+                f"this request needs {needed} KV positions ({n} camera(s) x {cfg.image_tokens} image tokens, "
+                f"{len(tokens)} prompt tokens and {cfg.chunk_size} action tokens); the engine was sized with "
+                f"max_seq_len={self.sizing.max_seq_len}",
+                param="max_seq_len",
+            )
+        return Pi05Prepared(tokens=tokens, pixels=pixels)
 
     # ------------------------------------------------------------------ scheduler thread
     def admit(self, req: Request) -> bool:
@@ -172,8 +194,6 @@ class Pi05Runner(ModelRunner):
         )
         req.state = _State(
             slot=slot,
-            tokens=req.params["_tokens"],
-            pixels=req.params["_pixels"],
             horizon=req.params["action_horizon"],
             num_steps=req.params["num_steps"],
             x=noise.to(self.device),
@@ -181,11 +201,11 @@ class Pi05Runner(ModelRunner):
         return True
 
     def step(self, reqs: list[Request]) -> None:
-        new = [r for r in reqs if r.state.phase == "prefill"]
+        new = [r for r in reqs if self.state(r).phase == "prefill"]
         if new:
             self._prefill(new)
         # Freshly prefilled requests take their first Euler step in the same batch as the others.
-        ready = [r for r in reqs if not r.done and r.state.phase == "denoise"]
+        ready = [r for r in reqs if not r.done and self.state(r).phase == "denoise"]
         if ready:
             self._denoise(ready)
 
@@ -194,47 +214,43 @@ class Pi05Runner(ModelRunner):
         if isinstance(state, _State) and state.slot is not None:
             self.cache.free(state.slot)
             state.slot = None
-            state.pixels = None
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "kv_slots_used": self.cache.slots_used,
-            "kv_slots_total": self.cache.num_slots,
-            "kv_cache_bytes": self.cache.nbytes,
-            **self.counters,
-        }
+    def stats(self) -> RunnerStats:
+        return RunnerStats(
+            kv_slots_used=self.cache.slots_used,
+            kv_slots_total=self.cache.num_slots,
+            kv_bytes=self.cache.nbytes,
+            activity=self.activity,
+        )
 
     def close(self) -> None:
         self.cache.k = self.cache.v = torch.empty(0)
 
     # ------------------------------------------------------------------ phases
     def _prefill(self, reqs: list[Request]) -> None:
-        states: list[_State] = [r.state for r in reqs]
-        pixels = torch.cat([s.pixels for s in states if s.pixels is not None]).to(self.device)
+        prepared = [self.prepared(r) for r in reqs]
+        pixels = torch.cat([p.pixels for p in prepared]).to(self.device)
         image_tokens = self.model.embed_images(pixels)
         prefixes, first = [], 0
-        for req, s in zip(reqs, states, strict=True):
-            assert s.pixels is not None
-            n = s.pixels.shape[0]
-            text = self.model.embed_text(torch.tensor(s.tokens, device=self.device))
+        for req, p in zip(reqs, prepared, strict=True):
+            n = p.pixels.shape[0]
+            text = self.model.embed_text(torch.tensor(p.tokens, device=self.device))
             prefixes.append(torch.cat([image_tokens[first : first + n].flatten(0, 1), text]))
             first += n
             req.input_tokens = int(prefixes[-1].shape[0])
+        states = [self.state(r) for r in reqs]
         self.model.prefill(prefixes, self.cache, [self._slot(s) for s in states])
         for s in states:
-            s.phase, s.pixels = "denoise", None
-        self.counters["prefill_batches"] += 1
-        self.counters["prefill_rows"] += len(reqs)
+            s.phase = "denoise"
+        self.activity.record("prefill", len(reqs))
 
     def _denoise(self, reqs: list[Request]) -> None:
-        states: list[_State] = [r.state for r in reqs]
+        states = [self.state(r) for r in reqs]
         x = torch.stack([s.x for s in states])
         t = torch.tensor([euler_time(s.step, s.num_steps) for s in states], dtype=torch.float32, device=self.device)
         v = self.model.velocity(x, t, self.cache, [self._slot(s) for s in states])
         x = euler_update(x, v, torch.tensor([s.num_steps for s in states], device=self.device))
-        self.counters["denoise_batches"] += 1
-        self.counters["denoise_rows"] += len(reqs)
-        self.counters["max_denoise_batch"] = max(self.counters["max_denoise_batch"], len(reqs))
+        self.activity.record("denoise", len(reqs))
         for i, (req, s) in enumerate(zip(reqs, states, strict=True)):
             s.x, s.step = x[i], s.step + 1
             req.emit(Progress(s.step, s.num_steps, "denoise"))

@@ -23,7 +23,7 @@ from mstar.models.pi05.config import Pi05Config
 from mstar.models.pi05.model import Pi05Model
 from mstar.weights import tiny_state_dict
 
-__all__ = ["build_model", "load_checkpoint", "published_layout", "tiny_model"]
+__all__ = ["build_model", "load_checkpoint", "tiny_model"]
 
 _EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 _VLM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
@@ -41,15 +41,6 @@ def build_model(cfg: Pi05Config, device: torch.device | str = "meta") -> Pi05Mod
 
 def _own_shapes(cfg: Pi05Config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
-
-
-def published_layout(cfg: Pi05Config) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors in a published checkpoint of this config (computed on the meta device)."""
-    out: dict[str, tuple[int, ...]] = {}
-    for name, shape in _own_shapes(cfg).items():
-        out["model." + (_VLM_HEAD if name == _EMBED else name)] = shape
-    out["model." + _EXPERT_HEAD] = (cfg.vocab_size, cfg.expert.width)
-    return out
 
 
 def _canonical(name: str) -> str:

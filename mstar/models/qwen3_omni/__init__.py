@@ -8,6 +8,8 @@ Where things are:
 - ``weights``: building the tree, tiny weights, checkpoint directories.
 - ``tokenizer`` / ``prompt`` / ``processor``: tokens, chat template with media placeholders and
   MRoPE positions, log-mel and patch preprocessing.
-- ``runner`` (entry point), ``thinker_steps``, ``talker_steps``, ``state``: the per-step batched
-  state machine the scheduler drives.
+- ``state``: what ``prepare`` builds (``Encoded``) and ``admit`` sets (``OmniState``) per request.
+- ``thinker``: ``ThinkerStage``, the Thinker and its KV cache (batched prefill with the encoders, decode).
+- ``talker``: ``TalkerStage``, the Talker, code predictor, their KV caches and Code2Wav streaming.
+- ``runner`` (entry point): validate/prepare/admit/step/release/stats, orchestrating the two stages.
 """

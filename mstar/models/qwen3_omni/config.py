@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["FULL_CONFIG", "TINY_CONFIG", "build_hf_config", "speakers"]
+__all__ = ["FULL_CONFIG", "TINY_CONFIG", "build_hf_config", "head_dim", "speakers"]
 
 _MROPE = {
     "rope_type": "default",
@@ -218,6 +218,11 @@ def _tiny() -> dict[str, Any]:
 
 #: Small random variant: every structural feature of the full model, tiny widths.
 TINY_CONFIG: dict[str, Any] = _tiny()
+
+
+def head_dim(cfg: dict[str, Any]) -> int:
+    """Per-head width of a decoder config (``head_dim``, else ``hidden_size / num_attention_heads``)."""
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
 def speakers(cfg: dict[str, Any]) -> dict[str, int]:

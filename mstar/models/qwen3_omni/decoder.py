@@ -21,16 +21,17 @@ from mstar.layers.kv_cache import KVCache
 from mstar.layers.mlp import GatedMLP
 from mstar.layers.moe import SparseMoE
 from mstar.layers.norms import RMSNorm
+from mstar.models.qwen3_omni.config import head_dim
 
-__all__ = ["DecoderLayer", "RMSNorm", "StackOutput", "run_layers"]
+__all__ = ["DecoderLayer", "StackOutput", "run_layers"]
 
 
 def _attention(cfg: dict[str, Any]) -> GQAttention:
     """Grouped-query attention with per-head RMSNorm on queries and keys."""
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
     eps = cfg.get("rms_norm_eps", 1e-6)
-    return GQAttention(hidden, heads, cfg["num_key_value_heads"], head_dim, qk_norm_eps=eps)
+    return GQAttention(
+        cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim(cfg), qk_norm_eps=eps
+    )
 
 
 class DecoderLayer(nn.Module):

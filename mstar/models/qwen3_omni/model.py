@@ -18,8 +18,10 @@ from mstar.layers.attention import AttnBatch
 from mstar.layers.invariant import BatchInvariantLinear
 from mstar.layers.kv_cache import KVCache
 from mstar.layers.mrope import mrope_cos_sin
+from mstar.layers.norms import RMSNorm
 from mstar.layers.rotary import RotaryEmbedding, rope_inv_freq
-from mstar.models.qwen3_omni.decoder import DecoderLayer, RMSNorm, StackOutput, run_layers
+from mstar.models.qwen3_omni.config import head_dim
+from mstar.models.qwen3_omni.decoder import DecoderLayer, StackOutput, run_layers
 
 __all__ = ["CodePredictor", "Qwen3Omni", "Talker", "Thinker"]
 
@@ -31,8 +33,7 @@ class _MRopeStack(nn.Module):
 
     def _init_rope(self, cfg: dict[str, Any]) -> None:
         rope = cfg["rope_parameters"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, float(rope["rope_theta"])), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim(cfg), float(rope["rope_theta"])), persistent=False)
         self.mrope_section = list(rope.get("mrope_section", [24, 20, 20]))
         self.interleaved = bool(rope.get("interleaved", rope.get("mrope_interleaved", True)))
 
@@ -127,8 +128,7 @@ class CodePredictorModel(nn.Module):
         self.codec_embedding = nn.ModuleList(
             nn.Embedding(cfg["vocab_size"], cfg["hidden_size"]) for _ in range(cfg["num_code_groups"] - 1)
         )
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        self.rotary = RotaryEmbedding(head_dim, float(cfg["rope_parameters"]["rope_theta"]))
+        self.rotary = RotaryEmbedding(head_dim(cfg), float(cfg["rope_parameters"]["rope_theta"]))
 
 
 class CodePredictor(nn.Module):
@@ -138,7 +138,8 @@ class CodePredictor(nn.Module):
         super().__init__()
         self.model = CodePredictorModel(cfg)
         self.lm_head = nn.ModuleList(
-            BatchInvariantLinear(cfg["hidden_size"], cfg["vocab_size"], bias=False) for _ in range(cfg["num_code_groups"] - 1)
+            BatchInvariantLinear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+            for _ in range(cfg["num_code_groups"] - 1)
         )
 
     def forward_embeds(self, x: torch.Tensor, cache: KVCache, batch: AttnBatch) -> torch.Tensor:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from mstar.errors import InvalidRequestError
+from mstar.models.qwen3_omni.processor import VisualPatches
 from mstar.models.qwen3_omni.tokenizer import TextTokenizer
 from mstar.request import RequestInputs
 
-__all__ = ["ChatPart", "mrope_positions", "normalise_messages", "render_prompt"]
+__all__ = ["ChatPart", "mrope_positions", "normalise_messages", "prompt_positions", "render_prompt"]
 
 ROLES = ("system", "user", "assistant")
 MEDIA = ("image", "audio", "video")
@@ -173,3 +174,22 @@ def mrope_positions(
             nxt += 1.0
             i += 1
     return pos, float(pos.max()) + 1.0 - n
+
+
+def prompt_positions(
+    thinker_cfg: dict[str, Any], ids: Sequence[int], images: Sequence[VisualPatches], videos: Sequence[VisualPatches]
+) -> tuple[torch.Tensor, float]:
+    """:func:`mrope_positions` of ``ids`` under the Thinker's config; ``images``/``videos`` are its visual runs in order.
+
+    The Thinker's prompt and the Talker's (its user turns) are both positioned this way.
+    """
+    return mrope_positions(
+        ids,
+        image_token=thinker_cfg["image_token_id"],
+        video_token=thinker_cfg["video_token_id"],
+        image_grids=[i.grid_thw for i in images],
+        video_grids=[v.grid_thw for v in videos],
+        video_second_per_grid=[v.second_per_grid for v in videos],
+        merge=thinker_cfg["vision_config"]["spatial_merge_size"],
+        position_id_per_seconds=thinker_cfg["position_id_per_seconds"],
+    )

@@ -1,46 +1,48 @@
 """Qwen3-Omni runner: Thinker (text), then Talker + code predictor + Code2Wav (speech), batched per step.
 
-Each ``step`` runs, in order and each once for all the requests that need it:
-the Thinker prefill of newly admitted requests (encoders included), one
-Thinker decode token for every decoding request, one Talker frame for every
-request whose Talker has the text it needs, and Code2Wav on every request with
-a full chunk of frames. The Talker starts as soon as the Thinker's first token
-exists and trails it one text token per frame, so speech streams out while the
-Thinker is still writing. Text-only requests never touch the Talker.
+The runner orchestrates two stages, each owning its modules and KV cache:
+:class:`~mstar.models.qwen3_omni.thinker.ThinkerStage` and (when the checkpoint
+has audio output) :class:`~mstar.models.qwen3_omni.talker.TalkerStage`. Each
+``step`` runs, in order and each once for all the requests that need it: the
+Thinker prefill of newly admitted requests (encoders included), one Thinker
+decode token for every decoding request, one Talker frame for every request
+whose Talker has the text it needs, and Code2Wav on every request with a full
+chunk of frames. Text-only requests never touch the Talker.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 
-from mstar.errors import InvalidRequestError, UnknownVoiceError
-from mstar.layers.attention import AttnBatch
-from mstar.layers.kv_cache import KVCache
-from mstar.layers.sampling import SamplingParams, sample_tokens
+from mstar.errors import InvalidParameterError, InvalidRequestError, UnknownVoiceError, WeightsError
+from mstar.layers.sampling import SamplingParams
 from mstar.media import decode_audio, decode_image, decode_video
 from mstar.models.base import ModelRunner
 from mstar.models.params import Param
 from mstar.models.qwen3_omni import prompt as prompting
-from mstar.models.qwen3_omni import talker_steps, thinker_steps
-from mstar.models.qwen3_omni.config import speakers
 from mstar.models.qwen3_omni.processor import ImagePrep, audio_features, image_patches, video_patches
-from mstar.models.qwen3_omni.state import Encoded, OmniState, TalkerState
+from mstar.models.qwen3_omni.state import Encoded, OmniState, Pair, TalkerState
+from mstar.models.qwen3_omni.talker import TalkerStage
+from mstar.models.qwen3_omni.thinker import PrefillResult, ThinkerStage
 from mstar.models.qwen3_omni.tokenizer import load_tokenizer
 from mstar.models.qwen3_omni.weights import load_model
+from mstar.registry import get_model_info
 from mstar.request import Request, RequestInputs
+from mstar.settings import RunnerSettings, Sizing
+from mstar.stats import RunnerStats
 from mstar.types import AudioChunk, TextChunk
+from mstar.weights import TINY
 
 __all__ = ["Qwen3OmniRunner"]
 
 SAMPLE_RATE = 24000
 
-
-def _head_dim(cfg: Mapping[str, Any]) -> int:
-    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+#: The registry entry: the voice list users see and the default voice come from here.
+INFO = get_model_info("qwen3_omni")
 
 
 def _split_utf8(buf: bytes) -> tuple[str, bytes]:
@@ -53,7 +55,7 @@ def _split_utf8(buf: bytes) -> tuple[str, bytes]:
     return buf.decode("utf-8", errors="replace"), b""
 
 
-class Qwen3OmniRunner(ModelRunner):
+class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
     """Serves ``Qwen/Qwen3-Omni-30B-A3B-Instruct`` (or its tiny random variant)."""
 
     name = "qwen3_omni"
@@ -68,86 +70,87 @@ class Qwen3OmniRunner(ModelRunner):
         "code_predictor_temperature": Param(float, 1.0, min=0.0, max=10.0),
         "code_predictor_top_k": Param(int, 50, min=0, max=100000),
         "code_predictor_top_p": Param(float, 0.8, min=0.0, max=1.0),
-        "voice": Param(str, "Ethan"),
+        "voice": Param(str, INFO.default_voice, doc=f"speaker: {', '.join(INFO.voices)}"),
         "max_output_tokens": Param(int, None, min=1, max=1_000_000),
     }
 
-    #: Code2Wav decodes this many new frames per call (12.5 frames/s), with this many frames of left context.
-    code2wav_chunk = 25
-    code2wav_left_context = 25
+    @classmethod
+    def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
+        """Eight requests at once (KV slots in each of the Thinker's and the Talker's caches), 8192 positions each.
 
-    def __init__(
-        self,
-        *,
-        weights: str | None,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_slots: int = 8,
-        max_len: int | None = None,
-    ) -> None:
-        super().__init__(weights=weights, device=device, dtype=dtype)
-        self.cfg, self.model, ckpt = load_model(weights or "tiny", device, dtype)
+        The constructor lowers the length to the checkpoint's rotary range when that is shorter
+        (the tiny variant's is 4096).
+        """
+        return Sizing(max_batch_size=8, max_seq_len=8192)
+
+    def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
+        super().__init__(weights=weights, settings=settings)
+        self.cfg, self.model, ckpt = load_model(weights or TINY, self.device, self.dtype)
+        th = self.cfg["thinker_config"]
+        limit = int(th["text_config"]["max_position_embeddings"])
+        if self.sizing.max_seq_len > limit:
+            if settings.max_seq_len is not None:
+                raise InvalidParameterError(
+                    f"max_seq_len is {settings.max_seq_len}, but this checkpoint has {limit} positions",
+                    param="max_seq_len",
+                )
+            self.sizing = replace(self.sizing, max_seq_len=limit)
         self.tokenizer = load_tokenizer(ckpt)
         self.image_prep = ImagePrep.from_checkpoint(ckpt)
-        self._lock = threading.Lock()
-        th, tk = self.cfg["thinker_config"], self.cfg.get("talker_config", {})
-        self.th_text = th["text_config"]
-        self.tk_cfg = tk
-        self.speakers = speakers(self.cfg) if tk else {}
-        self.voices = [name.capitalize() for name in self.speakers]
-        length = max_len or min(int(self.th_text["max_position_embeddings"]), 8192)
-        self.cache = KVCache(
-            num_layers=self.th_text["num_hidden_layers"],
-            num_slots=max_slots,
+        slots, length = self.sizing.max_batch_size, self.sizing.max_seq_len
+        self.thinker = ThinkerStage(
+            self.model.thinker,
+            th,
+            num_slots=slots,
             max_len=length,
-            num_kv_heads=self.th_text["num_key_value_heads"],
-            head_dim=_head_dim(self.th_text),
-            device=device,
-            dtype=dtype,
+            device=self.device,
+            dtype=self.dtype,
+            activity=self.activity,
         )
-        self.talker_cache: KVCache | None = None
-        self.cp_cache: KVCache | None = None
-        if self.model.talker is not None:
-            tt, cp = tk["text_config"], tk["code_predictor_config"]
-            self.talker_cache = KVCache(
-                num_layers=tt["num_hidden_layers"],
-                num_slots=max_slots,
+        # A checkpoint without audio output (the "Thinking" variant) has no Talker stage.
+        self.talker: TalkerStage | None = None
+        if self.model.talker is not None and self.model.code2wav is not None:
+            self.talker = TalkerStage(
+                self.model.talker,
+                self.model.code2wav,
+                self.thinker.embed_tokens,
+                self.cfg,
+                num_slots=slots,
                 max_len=length,
-                num_kv_heads=tt["num_key_value_heads"],
-                head_dim=_head_dim(tt),
-                device=device,
-                dtype=dtype,
+                device=self.device,
+                dtype=self.dtype,
+                activity=self.activity,
             )
-            self.cp_cache = KVCache(
-                num_layers=cp["num_hidden_layers"],
-                num_slots=max_slots,
-                max_len=cp["num_code_groups"] + 1,
-                num_kv_heads=cp["num_key_value_heads"],
-                head_dim=_head_dim(cp),
-                device=device,
-                dtype=dtype,
-            )
+            self._check_speakers(self.talker.speakers)
         self.stop_ids = {self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")}
-        self.mm_ids = {th["audio_token_id"], th["image_token_id"], th["video_token_id"]}
-        self._tts_embeds: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------------ validation (caller thread)
+    @staticmethod
+    def _check_speakers(table: Mapping[str, int]) -> None:
+        """The registry lists the voices users see; refuse a checkpoint whose Talker knows others."""
+        have, listed = {name.lower() for name in table}, {name.lower() for name in INFO.voices}
+        if have != listed:
+            raise WeightsError(
+                f"the checkpoint's Talker has speakers {sorted(table)}, but the qwen3_omni registry entry "
+                f"lists voices {list(INFO.voices)}"
+            )
+
+    # ------------------------------------------------------------------ caller's thread
     def validate(
         self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
     ) -> dict[str, Any]:
         params = super().validate(inputs, output_modalities, kwargs)
         voice = str(params["voice"])
-        # A checkpoint without a Talker (the "Thinking" variant) has no voices to check.
-        if self.speakers and voice.lower() not in self.speakers:
-            raise UnknownVoiceError(voice, self.voices)
-        if "audio" in output_modalities and self.model.talker is None:
+        # Without a Talker there is no speaker table; audio output is refused below anyway.
+        if self.talker is not None and voice.lower() not in self.talker.speakers:
+            raise UnknownVoiceError(voice, INFO.voices)
+        if "audio" in output_modalities and self.talker is None:
             raise InvalidRequestError(
                 "this checkpoint has no Talker: audio output is unavailable", param="output_modalities"
             )
-        params["_enc"] = self._encode(inputs)
         return params
 
-    def _encode(self, inputs: RequestInputs) -> Encoded:
+    def prepare(self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]) -> Encoded:
+        """Decode and preprocess the media, render the chat prompt and its 3-D positions."""
         th = self.cfg["thinker_config"]
         vis = th["vision_config"]
         patch, merge, temporal = vis["patch_size"], vis["spatial_merge_size"], vis["temporal_patch_size"]
@@ -174,55 +177,34 @@ class Qwen3OmniRunner(ModelRunner):
         source: dict[str, list[Any]] = {"audio": audios, "image": images, "video": videos}
         for kind, index in order:
             by_kind[kind].append(source[kind][index])
-        pos, delta = self.positions_for(ids, by_kind["image"], by_kind["video"])
-        if len(ids) + 1 > self.cache.max_len:
+        pos, delta = prompting.prompt_positions(th, ids, by_kind["image"], by_kind["video"])
+        limit = self.sizing.max_seq_len
+        if len(ids) + 1 > limit:
             raise InvalidRequestError(
-                f"the prompt is {len(ids)} tokens; this engine holds at most {self.cache.max_len - 1}", param="text"
+                f"the prompt is {len(ids)} tokens; this engine holds at most {limit - 1}", param="text"
             )
         return Encoded(ids, pos, delta, by_kind["audio"], by_kind["image"], by_kind["video"])
 
-    def positions_for(self, ids: list[int], images: list[Any], videos: list[Any]) -> tuple[torch.Tensor, float]:
-        th = self.cfg["thinker_config"]
-        return prompting.mrope_positions(
-            ids,
-            image_token=th["image_token_id"],
-            video_token=th["video_token_id"],
-            image_grids=[i.grid_thw for i in images],
-            video_grids=[v.grid_thw for v in videos],
-            video_second_per_grid=[v.second_per_grid for v in videos],
-            merge=th["vision_config"]["spatial_merge_size"],
-            position_id_per_seconds=th["position_id_per_seconds"],
-        )
-
     # ------------------------------------------------------------------ life cycle
     def admit(self, req: Request) -> bool:
-        with self._lock:
-            return self._admit(req)
-
-    def _admit(self, req: Request) -> bool:
-        wants_audio = req.wants("audio")
-        if self.cache.slots_free == 0 or (
-            wants_audio and self.talker_cache is not None and self.talker_cache.slots_free == 0
-        ):
+        talker = self.talker if req.wants("audio") else None
+        if self.thinker.cache.slots_free == 0 or (talker is not None and talker.slots_free == 0):
             return False
         p = req.params
-        slot = self.cache.allocate()
+        enc = self.prepared(req)
+        slot = self.thinker.allocate()
         assert slot is not None
-        enc: Encoded = p["_enc"]
-        room = self.cache.max_len - len(enc.ids)
-        max_tokens = min(p["max_output_tokens"] or room, room)
+        room = self.thinker.cache.max_len - len(enc.ids)
         st = OmniState(
             enc=enc,
             slot=slot,
             sampling=SamplingParams(temperature=p["thinker_temperature"], top_p=p["thinker_top_p"]),
-            max_tokens=max_tokens,
+            max_tokens=min(p["max_output_tokens"] or room, room),
             emit_text=req.wants("text"),
         )
-        if wants_audio and self.talker_cache is not None:
-            tslot = self.talker_cache.allocate()
-            assert tslot is not None
+        if talker is not None:
             st.talker = TalkerState(
-                speaker_id=self.speakers[str(p["voice"]).lower()],
+                speaker_id=talker.speakers[str(p["voice"]).lower()],
                 sampling=SamplingParams(
                     temperature=p["talker_temperature"],
                     top_k=p["talker_top_k"],
@@ -235,97 +217,99 @@ class Qwen3OmniRunner(ModelRunner):
                     top_p=p["code_predictor_top_p"],
                 ),
                 max_tokens=p["talker_max_output_tokens"],
-                slot=tslot,
+                slot=talker.allocate(),
             )
         req.state = st
         req.input_tokens = len(enc.ids)
         return True
 
     def release(self, req: Request) -> None:
-        with self._lock:
-            self._release(req)
-
-    def _release(self, req: Request) -> None:
         st = req.state
-        if not isinstance(st, OmniState):
+        if not isinstance(st, OmniState):  # never admitted, or already released
             return
-        self.cache.free(st.slot)
-        if st.talker is not None and st.talker.slot is not None and self.talker_cache is not None:
-            self.talker_cache.free(st.talker.slot)
+        self.thinker.free(st.slot)
+        if st.talker is not None and st.talker.slot is not None and self.talker is not None:
+            self.talker.free(st.talker.slot)
             st.talker.slot = None
         req.state = None
 
-    def stats(self) -> dict[str, Any]:
-        out = {"slots_held": self.cache.slots_used, "kv_slots_total": self.cache.num_slots}
-        if self.talker_cache is not None:
-            out["talker_slots_held"] = self.talker_cache.slots_used
-        return out
+    def stats(self) -> RunnerStats:
+        """KV slots of the Thinker's and the Talker's caches together; bytes include the code predictor's scratch."""
+        caches = [self.thinker.cache]
+        scratch = 0
+        if self.talker is not None:
+            caches.append(self.talker.cache)
+            scratch = self.talker.cp_cache.nbytes
+        return RunnerStats(
+            kv_slots_used=sum(c.slots_used for c in caches),
+            kv_slots_total=sum(c.num_slots for c in caches),
+            kv_bytes=sum(c.nbytes for c in caches) + scratch,
+            activity=self.activity,
+        )
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self, reqs: list[Request]) -> None:
-        with self._lock:
-            self._step(reqs)
-
-    def _step(self, reqs: list[Request]) -> None:
-        states = [(r, r.state) for r in reqs if isinstance(r.state, OmniState)]
-        fresh = [(r, s) for r, s in states if not s.prefilled]
-        decoding = [(r, s) for r, s in states if s.prefilled and not s.thinker_done]
+        pairs: list[Pair] = [(r, self.state(r)) for r in reqs]
+        fresh = [(r, s) for r, s in pairs if not s.prefilled]
+        decoding = [(r, s) for r, s in pairs if s.prefilled and not s.thinker_done]
         if fresh:
-            self._prefill_isolated(fresh)
+            self._prefill(fresh)
         if decoding:
-            thinker_steps.decode(self, decoding)
-        talking = [(r, s) for r, s in states if s.talker is not None and not r.done]
-        if talking:
-            talker_steps.advance(self, talking)
-            talker_steps.vocode(self, talking)
-        for r, s in states:
+            for (req, st), tok in zip(decoding, self.thinker.decode(decoding), strict=True):
+                self._accept_token(req, st, tok)
+        if self.talker is not None:
+            talking = [(r, s) for r, s in pairs if s.talker is not None and not r.done]
+            if talking:
+                self.talker.advance(talking)
+                for req, wav in self.talker.vocode(talking):
+                    self._emit_audio(req, wav)
+        for r, s in pairs:
             if r.done:
                 continue
             audio_done = s.talker is None or (s.talker.done and s.talker.decoded_frames == len(s.talker.frames))
             if s.thinker_done and audio_done:
                 r.finish("length" if s.finish_reason == "length" else "stop")
 
-    def _prefill_isolated(self, pairs: list[tuple[Request, OmniState]]) -> None:
+    def _prefill(self, pairs: list[Pair]) -> None:
         """Prefill together; if that fails, retry one by one so only the request at fault fails.
 
         Requests already decoding in this step are never failed by a new request's bad prefill.
         """
+        results: list[PrefillResult | None]
         try:
-            thinker_steps.prefill(self, pairs)
-            return
+            results = list(self._thinker_prefill(pairs))
         except Exception as exc:
             if len(pairs) == 1:
                 pairs[0][0].fail(exc)
                 return
-        for req, st in pairs:
-            self.cache.lengths[st.slot] = 0
-            st.prefilled, st.generated = False, []
+            results = []
+            for pair in pairs:
+                try:
+                    results.extend(self._thinker_prefill([pair]))
+                except Exception as one_exc:  # noqa: BLE001 - attributed to this request alone
+                    pair[0].fail(one_exc)
+                    results.append(None)
+        for (req, st), res in zip(pairs, results, strict=True):
+            if res is None:
+                continue
             try:
-                thinker_steps.prefill(self, [(req, st)])
+                st.prefilled = True
+                if st.talker is not None and self.talker is not None:
+                    assert res.accept_hidden is not None
+                    self.talker.start(st, res.accept_hidden)
+                self._accept_token(req, st, res.token)
             except Exception as exc:  # noqa: BLE001 - attributed to this request alone
                 req.fail(exc)
 
-    @torch.inference_mode()
-    def prompt_logits(self, inputs: RequestInputs) -> torch.Tensor:
-        """Thinker logits [L, V] at every prompt position (for checks against a reference; uses a spare slot)."""
-        enc = self._encode(inputs)
-        with self._lock:
-            return self._prompt_logits(enc)
+    def _thinker_prefill(self, pairs: list[Pair]) -> list[PrefillResult]:
+        """The Thinker's prefill of ``pairs``, capturing the layer the Talker reads when any of them speaks."""
+        capture = None
+        if self.talker is not None and any(s.talker is not None for _, s in pairs):
+            capture = self.talker.accept_layer
+        return self.thinker.prefill(pairs, capture=capture)
 
-    def _prompt_logits(self, enc: Encoded) -> torch.Tensor:
-        slot = self.cache.allocate()
-        if slot is None:
-            raise RuntimeError("no free KV slot")
-        try:
-            st = OmniState(enc=enc, slot=slot, sampling=SamplingParams(), max_tokens=1, emit_text=False)
-            out, lens, _ = thinker_steps.forward_prompts(self, [st])
-            return self.model.thinker.lm_head(out.hidden[0, : lens[0]])
-        finally:
-            self.cache.free(slot)
-
-    # ------------------------------------------------------------------ helpers used by the step modules
-    def emit_token(self, req: Request, st: OmniState, token: int) -> None:
+    def _accept_token(self, req: Request, st: OmniState, token: int) -> None:
         """Record one Thinker token; emit its text; mark the Thinker done on a stop token or the length cap."""
         st.generated.append(token)
         req.output_tokens += 1
@@ -336,37 +320,13 @@ class Qwen3OmniRunner(ModelRunner):
                 text, st.pending_bytes = _split_utf8(st.pending_bytes + self.tokenizer.decode_bytes([token]))
                 if text:
                     req.emit(TextChunk(text))
-            if len(st.generated) >= st.max_tokens or self.cache.room(st.slot) <= 0:
+            if len(st.generated) >= st.max_tokens or self.thinker.room(st.slot) <= 0:
                 st.thinker_done, st.finish_reason = True, "length"
         if st.thinker_done and st.emit_text and st.pending_bytes:
             req.emit(TextChunk(st.pending_bytes.decode("utf-8", errors="replace")))
             st.pending_bytes = b""
 
-    def emit_audio(self, req: Request, wav: torch.Tensor) -> None:
+    def _emit_audio(self, req: Request, wav: torch.Tensor) -> None:
         pcm = (wav.float().clamp(-1, 1) * 32767.0).round().to(torch.int16).cpu().numpy().tobytes()
         if pcm:
             req.emit(AudioChunk(pcm, SAMPLE_RATE))
-
-    def sample(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        reqs: list[Request],
-        histories: list[torch.Tensor | None] | None = None,
-    ) -> list[int]:
-        return [int(t) for t in sample_tokens(logits, params, [r.generator for r in reqs], histories).tolist()]
-
-    def tts_embeds(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Talker-width embeddings of <tts_text_bos>, <tts_text_eod>, <tts_pad> (computed once)."""
-        if self._tts_embeds is None:
-            assert self.model.talker is not None
-            ids = torch.tensor(
-                [self.cfg["tts_bos_token_id"], self.cfg["tts_eos_token_id"], self.cfg["tts_pad_token_id"]],
-                device=self.device,
-            )
-            emb = self.model.talker.text_projection(self.model.thinker.model.language_model.embed_tokens(ids))
-            self._tts_embeds = (emb[0], emb[1], emb[2])
-        return self._tts_embeds
-
-    def batch(self, cache: KVCache, slots: list[int], lens: list[int]) -> AttnBatch:
-        return AttnBatch.build(cache, slots, lens, device=self.device)

@@ -1,4 +1,9 @@
-"""Per-request state of a Qwen3-Omni request as it moves through Thinker, Talker and Code2Wav."""
+"""Per-request data of a Qwen3-Omni request, shared by the runner and its Thinker and Talker stages.
+
+``Encoded`` is what ``prepare`` builds in the caller's thread (``Request.prepared``);
+``OmniState`` is what ``admit`` sets (``Request.state``) and the stages advance,
+with a ``TalkerState`` when the request wants speech.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ import torch
 
 from mstar.layers.sampling import SamplingParams
 from mstar.models.qwen3_omni.processor import AudioFeatures, VisualPatches
+from mstar.request import Request
 
-__all__ = ["Encoded", "OmniState", "TalkerState"]
+__all__ = ["Encoded", "OmniState", "Pair", "TalkerState"]
 
 
 @dataclass(slots=True)
@@ -30,9 +36,8 @@ class TalkerState:
     sampling: SamplingParams
     cp_sampling: SamplingParams
     max_tokens: int
-    slot: int | None = None
+    slot: int | None = None  # None once released
     user_embeds: torch.Tensor | None = None  # [U, H_talker] user turns, projected
-    user_ids: list[int] = field(default_factory=list)
     positions: torch.Tensor | None = None  # [3, prefill_len]
     delta: float = 0.0
     started: bool = False
@@ -48,13 +53,17 @@ class TalkerState:
 @dataclass(slots=True)
 class OmniState:
     enc: Encoded
-    slot: int
+    slot: int  # the Thinker's KV slot
     sampling: SamplingParams
     max_tokens: int
     emit_text: bool
     prefilled: bool = False
-    generated: list[int] = field(default_factory=list)
-    pending_bytes: bytes = b""
+    generated: list[int] = field(default_factory=list)  # Thinker tokens, the stop token included
+    pending_bytes: bytes = b""  # an unfinished UTF-8 sequence, emitted with the next token
     thinker_done: bool = False
     finish_reason: str = "stop"
     talker: TalkerState | None = None
+
+
+#: A running request and its state, as the stages take them (sampling needs the request's generator).
+Pair = tuple[Request, OmniState]

@@ -47,7 +47,9 @@ Batching: one step encodes up to 64 frames of the requests in their encode
 phase (one encoder forward: each frame is a clip of the same shape; a longer
 clip continues in the next step), and advances by
 one frame the autoregressive rollouts that are at the same length (context
-plus frames so far), candidates and requests stacked as batch rows.
+plus frames so far), candidates and requests stacked as batch rows. The
+runner's ``activity`` counts them as components ``"encoder"`` (rows: frames)
+and ``"predictor"`` (rows: rollouts).
 """
 
 from __future__ import annotations
@@ -67,10 +69,12 @@ from mstar.models.vjepa2.checkpoint import load_ac
 from mstar.models.vjepa2.inputs import decode_frames, float_array
 from mstar.models.vjepa2.pose import next_pose, pose_deltas
 from mstar.models.vjepa2.preprocess import normalize, resize_center_crop
+from mstar.registry import get_model_info
 from mstar.request import Request, RequestInputs
+from mstar.settings import RunnerSettings
 from mstar.types import TensorChunk
 
-__all__ = ["VJEPA2ACRunner"]
+__all__ = ["ACPrepared", "VJEPA2ACRunner"]
 
 MAX_CANDIDATES = 1024
 MAX_ENCODE_FRAMES = 256  # bounds an encode result (256 x 256 x 1408 float32 is 369 MB for the release)
@@ -81,27 +85,36 @@ MAX_ROWS_PER_PREDICT = 512  # rollouts (candidates) per predictor forward
 _EMPTY = torch.zeros(0)
 
 
-@dataclass(slots=True)
-class _State:
-    """One request's progress: frames to encode, then rollout rows advancing one frame per step."""
+@dataclass(frozen=True, slots=True)
+class ACPrepared:
+    """A checked request (:meth:`VJEPA2ACRunner.prepare`): the frames to encode and the rollout's inputs."""
 
     mode: str
     frames: torch.Tensor  # uint8 [F, 3, crop, crop]: context (and goal as the last frame for score)
     context: int
     has_goal_frame: bool
     actions: torch.Tensor = _EMPTY  # [N, C - 1 + T, 7]
-    states: torch.Tensor = _EMPTY  # [N, C + k, 7], grows with the rollout
+    states: torch.Tensor = _EMPTY  # [N, C, 7]
     extrinsics: torch.Tensor | None = None  # [N, C - 1 + T, 6]
-    goal: torch.Tensor | None = None  # [P, D]
-    latents: torch.Tensor = _EMPTY  # [N, (C + k) * P, D], set once encoded
+    goal: torch.Tensor | None = None  # [P, D], given as goal_latent
     steps: int = 0
+
+
+@dataclass(slots=True)
+class _State:
+    """One request's progress: frames to encode, then rollout rows advancing one frame per step."""
+
+    prep: ACPrepared
+    states: torch.Tensor  # [N, C + k, 7], grows with the rollout
+    goal: torch.Tensor | None  # [P, D]: goal_latent, or the encoded goal frame
+    latents: torch.Tensor = _EMPTY  # [N, (C + k) * P, D], set once encoded
     done_steps: int = 0
     phase: str = "encode"  # then "predict", then "done"
     predicted: list[torch.Tensor] = field(default_factory=list)
     encoded: list[torch.Tensor] = field(default_factory=list)  # latents of the frames encoded so far
 
 
-class VJEPA2ACRunner(ModelRunner):
+class VJEPA2ACRunner(ModelRunner[ACPrepared, _State]):
     """Encodes frames, rolls the AC predictor out over actions, and scores candidate action sequences."""
 
     name = "vjepa2_ac"
@@ -113,18 +126,16 @@ class VJEPA2ACRunner(ModelRunner):
         "goal_latent": Param(object, None, doc="[tokens_per_frame, hidden] goal in latent space (score)"),
     }
 
-    def __init__(self, *, weights: str | None, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(weights=weights, device=device, dtype=dtype)
-        self.encoder, self.enc_cfg, self.predictor, self.cfg = load_ac(weights or self.info.hub_id, device, dtype)
-        self.encoder_forwards = 0
-        self.predictor_forwards = 0
-        self.predictor_rows: list[int] = []
+    def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
+        super().__init__(weights=weights, settings=settings)
+        self.encoder, self.enc_cfg, self.predictor, self.cfg = load_ac(
+            weights or get_model_info(self.name).hub_id, self.device, self.dtype
+        )
 
-    # ------------------------------------------------------------------ validation (caller thread)
-    def validate(
-        self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        params = super().validate(inputs, output_modalities, kwargs)
+    # ------------------------------------------------------------------ checking (caller thread)
+    def prepare(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]
+    ) -> ACPrepared:
         mode = params["mode"]
         cfg = self.cfg
         if mode == "encode":
@@ -141,8 +152,7 @@ class VJEPA2ACRunner(ModelRunner):
                     f"got {frames.shape[0]}",
                     param="video",
                 )
-            params["_state"] = _State(mode, self._prepare(frames), frames.shape[0], False)
-            return params
+            return ACPrepared(mode, self._prepare(frames), frames.shape[0], False)
 
         if len(inputs.video) < 1:
             raise InvalidRequestError(f"mode={mode!r} needs the context clip as video[0]", param="video")
@@ -207,7 +217,7 @@ class VJEPA2ACRunner(ModelRunner):
         pixels = self._prepare(frames)
         if goal_frame is not None:
             pixels = torch.cat([pixels, self._prepare(goal_frame)])
-        st = _State(
+        return ACPrepared(
             mode,
             pixels,
             context,
@@ -218,8 +228,6 @@ class VJEPA2ACRunner(ModelRunner):
             goal=goal_latent,
             steps=horizon,
         )
-        params["_state"] = st
-        return params
 
     def _extrinsics(self, value: Any, context: int) -> torch.Tensor | None:
         cfg = self.cfg
@@ -250,52 +258,52 @@ class VJEPA2ACRunner(ModelRunner):
 
     # ------------------------------------------------------------------ scheduling
     def admit(self, req: Request) -> bool:
-        req.state = req.params.pop("_state")
+        prep = self.prepared(req)
+        req.state = _State(prep, states=prep.states, goal=prep.goal)
         return True
 
     def step(self, reqs: list[Request]) -> None:
-        encoding = [r for r in reqs if r.state.phase == "encode"]
+        encoding = [r for r in reqs if self.state(r).phase == "encode"]
         if encoding:
             self._encode_step(encoding)
-        rolling = [r for r in reqs if not r.done and r.state.phase == "predict"]
+        rolling = [r for r in reqs if not r.done and self.state(r).phase == "predict"]
         if rolling:
             self._predict_step(rolling)
 
     def _encode_step(self, reqs: list[Request]) -> None:
         # Fill one forward with up to MAX_FRAMES_PER_ENCODE frames, across requests; a long clip spans steps.
         budget = MAX_FRAMES_PER_ENCODE
-        pieces: list[tuple[Request, int, int]] = []
+        pieces: list[tuple[Request, _State, int, int]] = []
         for req in reqs:
-            st: _State = req.state
+            st = self.state(req)
             start = sum(int(x.shape[0]) for x in st.encoded)
-            take = min(st.frames.shape[0] - start, budget)
-            pieces.append((req, start, start + take))
+            take = min(st.prep.frames.shape[0] - start, budget)
+            pieces.append((req, st, start, start + take))
             budget -= take
             if budget == 0:
                 break
-        frames = torch.cat([r.state.frames[a:b] for r, a, b in pieces]).to(self.device)
+        frames = torch.cat([st.prep.frames[a:b] for _, st, a, b in pieces]).to(self.device)
         latents = self.encode_frames(frames)
-        self.encoder_forwards += 1
+        self.activity.record("encoder", int(frames.shape[0]))
         offset = 0
-        for req, a, b in pieces:
-            st = req.state
+        for req, st, a, b in pieces:
             st.encoded.append(latents[offset : offset + b - a])
             offset += b - a
-            if b == st.frames.shape[0]:
+            if b == st.prep.frames.shape[0]:
                 self._encoded(req)
 
     def _encoded(self, req: Request) -> None:
         """Every frame of ``req`` is encoded: emit (encode mode) or set up the rollout rows."""
-        st: _State = req.state
+        st = self.state(req)
         lat = torch.cat(st.encoded)
-        st.encoded, st.frames = [], st.frames[:0]  # free the pixels
+        st.encoded = []
         req.input_tokens = int(lat.shape[0] * lat.shape[1])
-        if st.mode == "encode":
+        if st.prep.mode == "encode":
             self._emit(req, lat, {"mode": "encode", "frames": int(lat.shape[0])})
             return
-        if st.has_goal_frame:
+        if st.prep.has_goal_frame:
             st.goal, lat = lat[-1], lat[:-1]
-        st.latents = lat.flatten(0, 1)[None].expand(st.actions.shape[0], -1, -1)
+        st.latents = lat.flatten(0, 1)[None].expand(st.prep.actions.shape[0], -1, -1)
         st.phase = "predict"
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -306,59 +314,56 @@ class VJEPA2ACRunner(ModelRunner):
         return F.layer_norm(h, (h.shape[-1],))
 
     def _predict_step(self, reqs: list[Request]) -> None:
-        length = reqs[0].state.latents.shape[1]
-        chosen: list[Request] = []
+        length = self.state(reqs[0]).latents.shape[1]
+        chosen: list[tuple[Request, _State]] = []
         rows = 0
         for req in reqs:
-            st: _State = req.state
+            st = self.state(req)
             if st.latents.shape[1] != length:
                 continue
             n = st.latents.shape[0]
             if chosen and rows + n > MAX_ROWS_PER_PREDICT:
                 break
-            chosen.append(req)
+            chosen.append((req, st))
             rows += n
         frames = length // self.cfg.tokens_per_frame
         dev, dt = self.device, self.dtype
-        z = torch.cat([r.state.latents for r in chosen]).to(dev, dt)
-        acts = torch.cat([r.state.actions[:, :frames] for r in chosen]).to(dev, dt)
-        states = torch.cat([r.state.states[:, :frames] for r in chosen]).to(dev, dt)
+        z = torch.cat([st.latents for _, st in chosen]).to(dev, dt)
+        acts = torch.cat([st.prep.actions[:, :frames] for _, st in chosen]).to(dev, dt)
+        states = torch.cat([st.states[:, :frames] for _, st in chosen]).to(dev, dt)
         ext = None
-        if self.cfg.use_extrinsics:  # validate() set extrinsics on every request then
-            ext = torch.cat([r.state.extrinsics[:, :frames] for r in chosen]).to(dev, dt)
+        if self.cfg.use_extrinsics:  # prepare() set extrinsics on every request then
+            ext = torch.cat([_extrinsics_of(st)[:, :frames] for _, st in chosen]).to(dev, dt)
         with torch.inference_mode():
             out = self.predictor(z, acts, states, ext)[:, -self.cfg.tokens_per_frame :]
             nxt = F.layer_norm(out, (out.shape[-1],))
-        self.predictor_forwards += 1
-        self.predictor_rows.append(rows)
+        self.activity.record("predictor", rows)
         offset = 0
-        for req in chosen:
-            st = req.state
+        for req, st in chosen:
             n = st.latents.shape[0]
             new = nxt[offset : offset + n]
             offset += n
             st.latents = torch.cat([st.latents.to(dev, dt), new], dim=1)
-            last_action = st.actions[:, frames - 1]
+            last_action = st.prep.actions[:, frames - 1]
             st.states = torch.cat([st.states, next_pose(st.states[:, -1], last_action)[:, None]], dim=1)
             st.done_steps += 1
             req.output_tokens += int(new.shape[1])
-            if st.mode == "rollout":
+            if st.prep.mode == "rollout":
                 st.predicted.append(new[0])
-            if st.done_steps == st.steps:
-                self._finish_rollout(req)
+            if st.done_steps == st.prep.steps:
+                self._finish_rollout(req, st)
 
-    def _finish_rollout(self, req: Request) -> None:
-        st: _State = req.state
-        if st.mode == "rollout":
+    def _finish_rollout(self, req: Request, st: _State) -> None:
+        if st.prep.mode == "rollout":
             meta = {
                 "mode": "rollout",
-                "context_frames": st.context,
-                "states": st.states[0, st.context :].tolist(),
+                "context_frames": st.prep.context,
+                "states": st.states[0, st.prep.context :].tolist(),
             }
             self._emit(req, torch.stack(st.predicted), meta)
             return
         final = st.latents[:, -self.cfg.tokens_per_frame :].float()
-        assert st.goal is not None  # validate() refuses a score request without a goal
+        assert st.goal is not None  # prepare() refuses a score request without a goal
         goal = st.goal.to(final.device, torch.float32)
         scores = (final - goal).abs().mean(dim=(1, 2))
         meta = {
@@ -366,8 +371,8 @@ class VJEPA2ACRunner(ModelRunner):
             "objective": "l1",
             "lower_is_better": True,
             "best": int(scores.argmin()),
-            "steps": st.steps,
-            "context_frames": st.context,
+            "steps": st.prep.steps,
+            "context_frames": st.prep.context,
         }
         self._emit(req, scores, meta)
 
@@ -375,11 +380,14 @@ class VJEPA2ACRunner(ModelRunner):
         cfg = self.cfg
         meta = {**meta, "tokens_per_frame": cfg.tokens_per_frame, "grid": [cfg.grid_size, cfg.grid_size]}
         req.emit(TensorChunk.from_numpy(tensor.float().cpu().numpy(), "latent", meta))
-        req.state.phase = "done"
+        self.state(req).phase = "done"
         req.finish("stop")
 
     def release(self, req: Request) -> None:
         req.state = None
 
-    def stats(self) -> dict[str, Any]:
-        return {"encoder_forwards": self.encoder_forwards, "predictor_forwards": self.predictor_forwards}
+
+def _extrinsics_of(st: _State) -> torch.Tensor:
+    if st.prep.extrinsics is None:
+        raise RuntimeError("a V-JEPA 2-AC request reached a predictor trained with extrinsics without them")
+    return st.prep.extrinsics

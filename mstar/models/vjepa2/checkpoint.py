@@ -38,6 +38,7 @@ __all__ = [
     "load_ac",
     "load_encoder",
     "release_encoder_to_hf",
+    "tiny_predictor_state",
 ]
 
 AC_RELEASE_FILE = "vjepa2-ac-vitg.pt"
@@ -191,6 +192,11 @@ def load_encoder(weights: str, device: torch.device, dtype: torch.dtype) -> tupl
 # ----------------------------------------------------------------------------- V-JEPA 2-AC
 
 
+def tiny_predictor_state(cfg: ACPredictorConfig) -> dict[str, torch.Tensor]:
+    """Deterministic random AC predictor weights for ``cfg`` (fixed seed, cached): the tiny variant's."""
+    return tiny_state_dict("vjepa2-ac-predictor", cfg.to_dict(), lambda: _tiny_init(ACPredictor(cfg)))
+
+
 def _find_release_file(path: Path) -> Path | None:
     if path.is_file():
         return path
@@ -241,7 +247,7 @@ def load_ac(
     if weights == TINY:
         enc_cfg, ac_cfg = ENCODER_CONFIGS["tiny"], AC_CONFIGS["tiny"]
         enc_state = tiny_state_dict("vjepa2-encoder", enc_cfg.to_dict(), lambda: _tiny_init(VJEPA2Backbone(enc_cfg)))
-        pred_state = tiny_state_dict("vjepa2-ac-predictor", ac_cfg.to_dict(), lambda: _tiny_init(ACPredictor(ac_cfg)))
+        pred_state = tiny_predictor_state(ac_cfg)
     else:
         path = Path(weights).expanduser()
         directory = (

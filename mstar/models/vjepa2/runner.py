@@ -35,7 +35,9 @@ from mstar.models.params import Param
 from mstar.models.vjepa2.checkpoint import load_encoder
 from mstar.models.vjepa2.inputs import decode_frames
 from mstar.models.vjepa2.preprocess import normalize, resize_center_crop
+from mstar.registry import get_model_info
 from mstar.request import Request, RequestInputs
+from mstar.settings import RunnerSettings
 from mstar.types import TensorChunk
 
 __all__ = ["VJEPA2Runner"]
@@ -43,8 +45,14 @@ __all__ = ["VJEPA2Runner"]
 MAX_CLIPS_PER_FORWARD = 8
 
 
-class VJEPA2Runner(ModelRunner):
-    """Encodes clips with the V-JEPA 2 ViT; same-shape clips share one forward."""
+class VJEPA2Runner(ModelRunner[torch.Tensor, None]):
+    """Encodes clips with the V-JEPA 2 ViT; same-shape clips share one forward.
+
+    Stateless between steps: :meth:`prepare` decodes, resizes and crops the
+    clip (uint8 ``[frames, 3, crop, crop]``), and one step encodes it. Each
+    encoder forward is recorded as ``activity`` component ``"encoder"`` with
+    one row per clip.
+    """
 
     name = "vjepa2"
     params: ClassVar[Mapping[str, Param]] = {
@@ -52,16 +60,13 @@ class VJEPA2Runner(ModelRunner):
         "frame_step": Param(int, 1, min=1, max=64, doc="keep every k-th frame"),
     }
 
-    def __init__(self, *, weights: str | None, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(weights=weights, device=device, dtype=dtype)
-        self.model, self.cfg = load_encoder(weights or self.info.hub_id, device, dtype)
-        self.forwards = 0
-        self.batch_sizes: list[int] = []
+    def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
+        super().__init__(weights=weights, settings=settings)
+        self.model, self.cfg = load_encoder(weights or get_model_info(self.name).hub_id, self.device, self.dtype)
 
-    def validate(
-        self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        params = super().validate(inputs, output_modalities, kwargs)
+    def prepare(
+        self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]
+    ) -> torch.Tensor:
         if len(inputs.video) != 1:
             raise InvalidRequestError(
                 f"vjepa2 encodes exactly one video per request; got {len(inputs.video)}", param="video"
@@ -77,21 +82,15 @@ class VJEPA2Runner(ModelRunner):
                 param="video",
             )
         shorter = int(cfg.crop_size * 256 / 224)
-        params["_clip"] = resize_center_crop(frames[:usable], cfg.crop_size, shorter)
-        return params
-
-    def admit(self, req: Request) -> bool:
-        req.state = {"clip": req.params.pop("_clip")}
-        return True
+        return resize_center_crop(frames[:usable], cfg.crop_size, shorter)
 
     def step(self, reqs: list[Request]) -> None:
-        first = reqs[0].state["clip"].shape
-        group = [r for r in reqs if r.state["clip"].shape == first][:MAX_CLIPS_PER_FORWARD]
-        clips = torch.stack([r.state["clip"] for r in group]).to(self.device)
+        first = self.prepared(reqs[0]).shape
+        group = [r for r in reqs if self.prepared(r).shape == first][:MAX_CLIPS_PER_FORWARD]
+        clips = torch.stack([self.prepared(r) for r in group]).to(self.device)
         with torch.inference_mode():
             latents = self.model(normalize(clips, self.dtype)).float().cpu().numpy()
-        self.forwards += 1
-        self.batch_sizes.append(len(group))
+        self.activity.record("encoder", len(group))
         cfg = self.cfg
         frames = int(first[0])
         meta = {
@@ -105,9 +104,3 @@ class VJEPA2Runner(ModelRunner):
             req.output_tokens = int(lat.shape[0])
             req.emit(TensorChunk.from_numpy(lat, "latent", meta))
             req.finish("stop")
-
-    def release(self, req: Request) -> None:
-        req.state = None
-
-    def stats(self) -> dict[str, Any]:
-        return {"forwards": self.forwards}

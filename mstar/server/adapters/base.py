@@ -25,6 +25,7 @@ from mstar.errors import (
     UnknownParameterError,
     UnknownVoiceError,
 )
+from mstar.registry import get_model_info
 from mstar.server.openai_schema import ChatRequest, ImageEditRequest, ImageRequest, OpenAIRequest, SpeechRequest
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ class SubmitArgs:
     video: list[Path] = field(default_factory=list)
     output_modalities: tuple[str, ...] = ("text",)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def add_media(self, modality: str, path: Path) -> None:
+        """Append a saved file to the list of its modality (``"image"``, ``"audio"``, ``"video"``)."""
+        {"image": self.images, "audio": self.audio, "video": self.video}[modality].append(path)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {
@@ -123,7 +128,7 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
             else:
                 ref = body.get("url") if isinstance(body, dict) else body
                 _, path = media.resolve_ref(ref, expected=modality)
-            {"image": args.images, "audio": args.audio, "video": args.video}[modality].append(path)
+            args.add_media(modality, path)
             parts.append({"type": modality})
         out.append({"role": role, "content": parts})
     if not out:
@@ -156,7 +161,7 @@ class OpenAIAdapter:
 
     #: OpenAI field -> this model's kwarg (only fields listed here are honoured).
     sampling_keys: ClassVar[dict[str, str]] = {}
-    #: Voices when the runner does not declare them itself (``params["voice"].choices``).
+    #: Voices of a model whose registry entry names none (plugins, test doubles); the registry's win.
     voices: ClassVar[tuple[str, ...]] = ()
     default_voice: ClassVar[str | None] = None
     #: chat audio output: which model kwarg takes the voice.
@@ -220,16 +225,20 @@ class OpenAIAdapter:
 
     # ---- voices
     def voice_list(self) -> list[str]:
-        """The model's voices: the runner's ``voice`` choices or ``voices`` list, else the adapter's."""
+        """The model's voices: the registry's (:attr:`mstar.registry.ModelInfo.voices`), else the
+        runner's ``voice`` Param choices, else the adapter's own (for models registered without voices)."""
+        info = get_model_info(self.model)
+        if info.voices:
+            return list(info.voices)
         spec = self.engine.runner.params.get(self.voice_key)
         if spec is not None and spec.choices:
             return [str(v) for v in spec.choices]
-        declared = getattr(self.engine.runner, "voices", None)
-        if isinstance(declared, (list, tuple)) and declared and all(isinstance(v, str) for v in declared):
-            return list(declared)
         return list(self.voices)
 
     def default_voice_name(self) -> str | None:
+        info = get_model_info(self.model)
+        if info.default_voice is not None:
+            return info.default_voice
         spec = self.engine.runner.params.get(self.voice_key)
         if spec is not None and spec.default is not None:
             return str(spec.default)

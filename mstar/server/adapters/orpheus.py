@@ -14,8 +14,6 @@ __all__ = ["OrpheusAdapter"]
 
 class OrpheusAdapter(OpenAIAdapter):
     sampling_keys: ClassVar[dict[str, str]] = {"temperature": "temperature", "top_p": "top_p", "seed": "seed"}
-    voices: ClassVar[tuple[str, ...]] = ("tara", "zoe", "zac", "jess", "leo", "mia", "julia", "leah")
-    default_voice: ClassVar[str | None] = "tara"
 
     def speech_to_request(self, req: SpeechRequest, media: UploadScope) -> SubmitArgs:
         if req.instructions:

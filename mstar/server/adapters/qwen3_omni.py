@@ -23,8 +23,6 @@ class Qwen3OmniAdapter(OpenAIAdapter):
         "max_tokens": "max_output_tokens",
         "seed": "seed",
     }
-    voices: ClassVar[tuple[str, ...]] = ("Ethan", "Chelsie", "Aiden")
-    default_voice: ClassVar[str | None] = "Ethan"
 
     def chat_to_request(self, req: ChatRequest, media: UploadScope) -> SubmitArgs:
         return self.chat_args(req, media)

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from litestar import Request, Response, get, post
-from litestar.datastructures import UploadFile
-from litestar.exceptions import HTTPException
 
-from mstar.errors import InvalidParameterError, InvalidRequestError, MStarError
+from mstar.errors import InvalidParameterError, InvalidRequestError
+from mstar.protocol import parse_modalities
 from mstar.server.adapters import SubmitArgs
-from mstar.server.context import StreamResponse, prime, read_body, server_state
+from mstar.server.call import RouteCall, open_call
 from mstar.server.errors import error_chunk
-from mstar.server.streaming import AsyncEvents, collect_or_cancel
-from mstar.types import GenerateResult, event_to_ndjson
+from mstar.server.jsonio import read_json
+from mstar.server.multipart import FORM_TYPES, Upload, media_type, read_form
+from mstar.server.state import server_state
+from mstar.server.streaming import AsyncEvents, stream_response
+from mstar.types import event_to_ndjson
 
 __all__ = ["ROUTES"]
-
-log = logging.getLogger("mstar.server")
 
 _FIELDS = ("text", "messages", "files", "input_modalities", "output_modalities", "streaming", "model_kwargs", "request_id")
 _TRUE = ("true", "1", "yes", "on")
@@ -84,34 +83,17 @@ def _messages(raw: Any) -> list[dict[str, Any]] | None:
     return value
 
 
-async def _read_form(request: Request[Any, Any, Any]) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
-    """The form fields (single values) and the uploaded files of a /generate request."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    fields: dict[str, Any] = {}
-    files: list[tuple[str, bytes]] = []
+async def _read_fields(call: RouteCall) -> tuple[dict[str, Any], list[Upload]]:
+    """The fields (single values) and the uploaded files of a /generate request."""
+    ctype = call.content_type
+    files: list[Upload] = []
     if ctype == "application/json":
-        from mstar.server.openai_schema import parse_json_object
-
-        fields = parse_json_object(await read_body(request))
+        fields: dict[str, Any] = await call.json()
         if "files" in fields:
             raise InvalidRequestError("files must be uploaded as multipart/form-data", param="files")
-    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.form()
-        except (MStarError, HTTPException):
-            raise
-        except Exception as exc:
-            raise InvalidRequestError(f"the multipart form could not be parsed: {exc}") from None
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                try:
-                    files.append((value.filename or "", await value.read()))
-                finally:
-                    await value.close()
-            elif key in fields:
-                raise InvalidRequestError(f"form field {key!r} was given more than once", param=key)
-            else:
-                fields[key] = value
+    elif ctype in FORM_TYPES:
+        form = await call.form()
+        fields, files = dict(form.fields), form.files
     else:
         raise InvalidRequestError("send /generate as multipart/form-data (or application/json without files)")
     unknown = sorted(set(fields) - set(_FIELDS))
@@ -130,45 +112,40 @@ async def _read_form(request: Request[Any, Any, Any]) -> tuple[dict[str, Any], l
 @post("/generate", status_code=200)
 async def generate(request: Request[Any, Any, Any]) -> Any:
     """Run one request: JSON result, or an NDJSON event stream (``streaming``, default true)."""
-    state = server_state(request)
-    state.holder.engine  # 503 before reading a large body for nothing  # noqa: B018
-    fields, files = await _read_form(request)
-    streaming = fields.get("streaming", True)
-    if not isinstance(streaming, bool):
-        streaming = _bool_field(str(streaming), "streaming")
-    args = SubmitArgs(
-        text=fields.get("text"),
-        messages=_messages(fields.get("messages")),
-        output_modalities=tuple((fields.get("output_modalities") or "text").split(",")),
-        model_kwargs=_model_kwargs(fields.get("model_kwargs")),
-    )
-    with state.uploads() as uploads:
-        for filename, data in files:
-            modality, path = uploads.save_upload(filename, data)
-            {"image": args.images, "audio": args.audio, "video": args.video}[modality].append(path)
+    async with open_call(request) as call:
+        fields, files = await _read_fields(call)
+        streaming = fields.get("streaming", True)
+        if not isinstance(streaming, bool):
+            streaming = _bool_field(str(streaming), "streaming")
+        args = SubmitArgs(
+            text=fields.get("text"),
+            messages=_messages(fields.get("messages")),
+            model_kwargs=_model_kwargs(fields.get("model_kwargs")),
+        )
+        for upload in files:
+            modality, path = call.uploads.save_upload(upload.filename, upload.data)
+            args.add_media(modality, path)
+        args.output_modalities = parse_modalities(fields.get("output_modalities") or None, "output_modalities") or ("text",)
         extra: dict[str, Any] = {}
         if fields.get("input_modalities"):
-            extra["input_modalities"] = fields["input_modalities"]
+            extra["input_modalities"] = parse_modalities(fields["input_modalities"], "input_modalities")
         if fields.get("request_id"):
             extra["request_id"] = fields["request_id"]
-        events = await state.start(args, receive=request.receive, **extra)
+        events = await call.start(args, **extra)
+    headers = {"X-Request-Id": events.request_id}
     if streaming:
-        return StreamResponse(await prime(_ndjson(events)), media_type="application/x-ndjson", headers={"X-Request-Id": events.request_id})
-    collected = await collect_or_cancel(events, request.receive)
-    result = GenerateResult.from_events(events.request_id, collected)
-    return Response(result.to_json(), headers={"X-Request-Id": events.request_id})
+        return await stream_response(
+            events, _ndjson(events), media_type="application/x-ndjson", headers=headers,
+            on_error=lambda exc: event_to_ndjson(error_chunk(exc)),
+        )
+    result = await call.result(events)
+    return Response(result.to_json(), headers=headers)
 
 
 async def _ndjson(events: AsyncEvents) -> AsyncGenerator[bytes, None]:
-    try:
-        yield b""  # started: from here on the finally below is guaranteed
-        async for ev in events:
-            yield event_to_ndjson(ev)
-    except Exception as exc:
-        log.warning("request %s failed mid-stream: %s", events.request_id, exc)
-        yield event_to_ndjson(error_chunk(exc))
-    finally:
-        events.close()
+    yield b""  # the status line goes out at once: from here on, a failure is an in-band error line
+    async for ev in events:
+        yield event_to_ndjson(ev)
 
 
 async def _cancel(request: Request[Any, Any, Any], request_id: str | None) -> dict[str, Any]:
@@ -191,14 +168,12 @@ async def cancel_by_path(request: Request[Any, Any, Any], request_id: str) -> di
 @post("/cancel", status_code=200)
 async def cancel_by_body(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """Cancel by ``request_id`` given as JSON or a form field; no id is refused (400)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     rid: Any = request.query_params.get("request_id")
     if rid is None and ctype == "application/json":
-        from mstar.server.openai_schema import parse_json_object
-
-        rid = parse_json_object(await read_body(request)).get("request_id")
-    elif rid is None and ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        rid = (await request.form()).get("request_id")
+        rid = (await read_json(request)).get("request_id")
+    elif rid is None and ctype in FORM_TYPES:
+        rid = (await read_form(request)).fields.get("request_id")
     return await _cancel(request, rid)
 
 

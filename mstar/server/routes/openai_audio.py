@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -12,16 +11,14 @@ from litestar import Request, get, post
 
 from mstar.errors import ModelError, RequestTimeoutError
 from mstar.server.audio_encode import StreamingEncoder, TimeStretcher, ensure_encodable, mime_type
-from mstar.server.context import StreamResponse, prime, read_body, server_state
-from mstar.server.errors import sse_error
-from mstar.server.openai_schema import SpeechRequest, parse_json_object, parse_speech
-from mstar.server.routes.openai_chat import sse
-from mstar.server.streaming import AsyncEvents
+from mstar.server.call import open_call
+from mstar.server.openai_schema import SpeechRequest, parse_speech
+from mstar.server.sse import sse, sse_error
+from mstar.server.state import server_state
+from mstar.server.streaming import AsyncEvents, stream_response
 from mstar.types import AudioChunk, Finished
 
 __all__ = ["ROUTES"]
-
-log = logging.getLogger("mstar.server")
 
 
 class _Encoder:
@@ -53,19 +50,19 @@ class _Encoder:
 
 @post("/v1/audio/speech", status_code=200)
 async def speech(request: Request[Any, Any, Any]) -> Any:
-    state = server_state(request)
-    state.adapter(surface="speech")  # 404 before reading the body
-    req = parse_speech(parse_json_object(await read_body(request)))
-    adapter = state.adapter(req.model, "speech")
-    ensure_encodable(req.response_format)  # a format this FFmpeg cannot encode fails now, as a 400
-    with state.uploads() as media:
-        args = await anyio.to_thread.run_sync(adapter.speech_to_request, req, media)
-        events = await state.start(args, receive=request.receive)
+    async with open_call(request, "speech") as call:
+        req = parse_speech(await call.json())
+        adapter = call.adapter(req.model)
+        ensure_encodable(req.response_format)  # a format this FFmpeg cannot encode fails now, as a 400
+        events = await call.start(await call.translate(adapter.speech_to_request, req))
     headers = {"X-Request-Id": events.request_id, "Cache-Control": "no-cache"}
     if req.stream_format == "sse":
-        return StreamResponse(await prime(_sse(req, events)), media_type="text/event-stream", headers=headers)
-    # Raw bytes: hold the status line until the first audio, so early failures are real HTTP errors.
-    return StreamResponse(await prime(_bytes(req, events)), media_type=mime_type(req.response_format), headers=headers)
+        return await stream_response(events, _sse(req, events), media_type="text/event-stream", headers=headers,
+                                     what="speech", on_error=sse_error)
+    # Raw bytes: the status line waits for the first audio, so early failures are real HTTP errors;
+    # raw audio has no way to carry an error once bytes went out, so a later one cuts the response short.
+    return await stream_response(events, _bytes(req, events), media_type=mime_type(req.response_format), headers=headers,
+                                 what="speech")
 
 
 async def _audio_bytes(req: SpeechRequest, events: AsyncEvents) -> AsyncIterator[tuple[bytes, Finished | None]]:
@@ -84,32 +81,17 @@ async def _audio_bytes(req: SpeechRequest, events: AsyncEvents) -> AsyncIterator
 
 
 async def _bytes(req: SpeechRequest, events: AsyncEvents) -> AsyncGenerator[bytes, None]:
-    try:
-        async for data, _ in _audio_bytes(req, events):
-            if data:
-                yield data
-    except Exception as exc:
-        # Raw audio has no way to carry an error once bytes went out: cut the response short.
-        log.warning("speech request %s failed mid-stream: %s", events.request_id, exc)
-        raise
-    finally:
-        events.close()
+    async for data, _ in _audio_bytes(req, events):
+        if data:
+            yield data
 
 
 async def _sse(req: SpeechRequest, events: AsyncEvents) -> AsyncGenerator[bytes, None]:
-    try:
-        async for data, fin in _audio_bytes(req, events):
-            if data:
-                yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
-            if fin is not None:
-                usage = {"input_tokens": fin.usage.input_tokens, "output_tokens": fin.usage.output_tokens,
-                         "total_tokens": fin.usage.input_tokens + fin.usage.output_tokens}
-                yield sse({"type": "speech.audio.done", "usage": usage})
-    except Exception as exc:
-        log.warning("speech request %s failed mid-stream: %s", events.request_id, exc)
-        yield sse_error(exc)
-    finally:
-        events.close()
+    async for data, fin in _audio_bytes(req, events):
+        if data:
+            yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+        if fin is not None:
+            yield sse({"type": "speech.audio.done", "usage": fin.usage.to_openai(chat=False)})
 
 
 @get("/v1/audio/voices")

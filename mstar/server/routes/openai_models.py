@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Request, get
 
 from mstar.errors import NotFoundError
-from mstar.server.context import ServerState, server_state
+from mstar.server.state import ServerState, server_state
 
 __all__ = ["ROUTES"]
 
@@ -27,7 +27,7 @@ async def list_models(request: Request[Any, Any, Any]) -> dict[str, Any]:
 async def get_model(request: Request[Any, Any, Any], model_id: str) -> dict[str, Any]:
     state = server_state(request)
     name = model_id.lstrip("/")
-    if not state.has_openai_surface() or name not in (state.model, state.holder.info.hub_id):
+    if not state.has_openai_surface() or not state.serves(name):
         err = NotFoundError(f"model {name!r} is not served on the OpenAI-compatible API", param="model")
         err.code = "model_not_found"
         raise err

@@ -1,75 +1,59 @@
-"""Helpers for the reliability tests (no tests here): shared tiny engines, in-process servers, a media-checking fake.
-
-The soak harness itself lives in ``bench/soak.py``; the tests drive it with
-in-process uvicorn servers on 127.0.0.1.
-"""
+"""Small media files for the tests: valid ones, and the named bad-media recipes the corpora refer to."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, ClassVar
+import io
+from typing import Any
 
-import tests.test_server_support  # noqa: F401  (registers "fake" and its OpenAI adapter)
-from bench.soak import InProcessServer
-from mstar.engine import Engine
-from mstar.media import decode_audio, decode_image, decode_video
-from mstar.models.params import Param
-from mstar.registry import ModelInfo, register_model
-from mstar.request import Request, RequestInputs
-from mstar.server.adapters import register_adapter
-from mstar.types import TextChunk
-from tests.fake_model import FakeRunner
-from tests.test_server_support import FakeAdapter
-
-__all__ = ["MediaFakeRunner", "serve", "shared_engine"]
+__all__ = ["make_mp4", "make_png", "make_wav", "media_recipe", "png_bytes"]
 
 
-@functools.cache
-def shared_engine(name: str) -> Engine:
-    """One tiny engine per family for the whole test session (loading costs seconds)."""
-    return Engine(name, weights="tiny")
+def png_bytes(width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    """A flat ``width x height`` PNG of one colour."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-@contextmanager
-def serve(engine: Engine, upload_dir: Path, *, max_concurrent: int = 16, max_queue: int = 64, **settings: Any) -> Iterator[InProcessServer]:
-    """``create_app(engine)`` on a uvicorn thread bound to 127.0.0.1."""
-    upload_dir.mkdir(parents=True, exist_ok=True)
-    srv = InProcessServer(engine, upload_dir=upload_dir, max_concurrent=max_concurrent, max_queue=max_queue, **settings).start()
-    try:
-        yield srv
-    finally:
-        srv.close()
+def make_png(w: int = 16, h: int = 16, value: int = 90) -> bytes:
+    """A small valid RGB PNG."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
 
 
-class MediaFakeRunner(FakeRunner):
-    """The fake model, but it decodes every media input in ``validate`` with the shared decoders, as real runners do."""
+def make_wav(seconds: float = 0.25, sr: int = 16000) -> bytes:
+    """A short mono 16-bit sine WAV."""
+    import numpy as np
+    import soundfile as sf
 
-    name = "fake_media"
-    params: ClassVar[dict[str, Param]] = dict(FakeRunner.params)
-
-    def validate(self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Any) -> dict[str, Any]:
-        params = super().validate(inputs, output_modalities, kwargs)
-        for item in inputs.images:
-            decode_image(item)
-        for item in inputs.audio:
-            decode_audio(item, sample_rate=16000)
-        for item in inputs.video:
-            decode_video(item, max_frames=16)
-        return params
-
-    def step(self, reqs: list[Request]) -> None:
-        for r in reqs:
-            r.emit(TextChunk("ok"))
-            r.output_tokens += 1
-            r.finish("stop")
+    t = np.arange(int(seconds * sr)) / sr
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
-register_model(ModelInfo("fake_media", "test double: decodes its media, answers ok", "none/fake_media",
-                         ("text", "image", "audio", "video"), ("text", "audio"), "tests.test_reliability_support:MediaFakeRunner"))
-register_adapter("fake_media", FakeAdapter)
+def make_mp4(frames: int = 4, w: int = 32, h: int = 32) -> bytes:
+    """A tiny MPEG-4 clip (PyAV)."""
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream: Any = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 30 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- bad media recipes (named in the corpus)
@@ -92,8 +76,6 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def _jpeg(w: int = 16, h: int = 16) -> bytes:
-    import io
-
     from PIL import Image
 
     buf = io.BytesIO()
@@ -132,8 +114,6 @@ def _corrupt(data: bytes, at: float, n: int = 64) -> bytes:
 
 def media_recipe(name: str) -> bytes:
     """The bytes of a named bad (or good) media file; the corpus refers to these names."""
-    from bench.soak import make_mp4, make_png, make_wav
-
     png, wav, mp4, jpg = make_png(), make_wav(), make_mp4(), _jpeg()
     recipes: dict[str, Any] = {
         "png_ok": lambda: png,
