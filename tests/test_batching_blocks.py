@@ -174,12 +174,12 @@ def test_invariant_linear_rows_do_not_depend_on_the_other_rows() -> None:
 
 @pytest.mark.parametrize("spread", [0.5, 3.0, 30.0])
 def test_top_p_cutoff_from_candidates_equals_the_full_sort(spread: float) -> None:
-    from mstar.layers.sampling import _nucleus_cutoff
+    from mstar.layers.sampling import _nucleus_cutoffs
 
     torch.manual_seed(1)
     probs = torch.softmax(torch.randn(50_000) * spread, dim=-1)  # from peaked to nearly flat
     for top_p in (0.1, 0.8, 0.95):
         desc = torch.sort(probs, descending=True).values
         last = int(torch.searchsorted(torch.cumsum(desc, 0), torch.tensor([top_p]))[0])
-        assert _nucleus_cutoff(probs, top_p) == desc[min(last, desc.numel() - 1)]
-    assert _nucleus_cutoff(probs, 1.0) == 0
+        assert _nucleus_cutoffs(probs[None], [top_p], [50_000])[0, 0] == desc[min(last, desc.numel() - 1)]
+    assert _nucleus_cutoffs(probs[None], [1.0], [50_000])[0, 0] == 0
