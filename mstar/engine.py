@@ -108,7 +108,8 @@ class Engine(GenerateSugar[EventStream]):
     ``max_batch_size`` requests run at once (for autoregressive families, the
     KV cache slots), ``max_seq_len`` positions each, ``prefill_chunk`` prompt
     tokens are prefilled per step, ``cuda_graphs`` turns on static-shape
-    decode. ``max_queue`` requests may wait beyond those; ``request_timeout``
+    decode, ``kv_cache_tokens`` sizes the paged KV pool all requests share
+    (in blocks of ``kv_block_size`` positions). ``max_queue`` requests may wait beyond those; ``request_timeout``
     is the default per-request deadline in seconds.
     """
 
@@ -123,6 +124,8 @@ class Engine(GenerateSugar[EventStream]):
         max_seq_len: int | None = None,
         prefill_chunk: int | None = None,
         cuda_graphs: bool | None = None,
+        kv_cache_tokens: int | None = None,
+        kv_block_size: int | None = None,
         max_queue: int = 1024,
         request_timeout: float | None = 600.0,
     ) -> None:
@@ -136,6 +139,8 @@ class Engine(GenerateSugar[EventStream]):
             max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk,
             cuda_graphs=cuda_graphs,
+            kv_cache_tokens=kv_cache_tokens,
+            kv_block_size=kv_block_size,
         )
         self.request_timeout = request_timeout
         runner_cls = load_runner_class(model)

@@ -16,6 +16,11 @@ field              meaning
 ``prefill_chunk``  prompt tokens prefilled per step, across requests, so that
                    running requests keep decoding while a long prompt loads
 ``cuda_graphs``    static-shape decode (CUDA graphs on CUDA, padding on CPU)
+``kv_cache_tokens`` positions in the paged KV pool, shared by all requests
+                   (default: every request at ``max_seq_len``, so the pool
+                   never runs out; smaller pools admit and preempt by blocks)
+``kv_block_size``  positions per KV block (the unit of allocation and of
+                   prefix sharing)
 =================  ==========================================================
 """
 
@@ -29,6 +34,8 @@ from mstar.errors import InvalidParameterError
 
 __all__ = ["RunnerSettings", "Sizing"]
 
+_SIZES = ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_cache_tokens", "kv_block_size")
+
 
 @dataclass(frozen=True, slots=True)
 class Sizing:
@@ -38,6 +45,13 @@ class Sizing:
     max_seq_len: int
     prefill_chunk: int = 512
     cuda_graphs: bool = False
+    kv_cache_tokens: int | None = None
+    kv_block_size: int = 16
+
+    @property
+    def kv_pool_tokens(self) -> int:
+        """The KV pool's positions: ``kv_cache_tokens``, else room for every request at full length."""
+        return self.kv_cache_tokens if self.kv_cache_tokens is not None else self.max_batch_size * self.max_seq_len
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +64,11 @@ class RunnerSettings:
     max_seq_len: int | None = None
     prefill_chunk: int | None = None
     cuda_graphs: bool | None = None
+    kv_cache_tokens: int | None = None
+    kv_block_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_seq_len", "prefill_chunk"):
+        for name in _SIZES:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}", param=name)
@@ -61,12 +77,16 @@ class RunnerSettings:
 
     def resolve(self, defaults: Sizing) -> Sizing:
         """``defaults`` with every field this object sets replacing the family's value."""
-        overrides = {
-            name: getattr(self, name)
-            for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "cuda_graphs")
-            if getattr(self, name) is not None
-        }
-        return replace(defaults, **overrides)
+        overrides = {name: getattr(self, name) for name in (*_SIZES, "cuda_graphs") if getattr(self, name) is not None}
+        sizing = replace(defaults, **overrides)
+        if sizing.kv_pool_tokens < sizing.max_seq_len:
+            # One request at full length must always fit, or it could wait for blocks forever.
+            raise InvalidParameterError(
+                f"kv_cache_tokens ({sizing.kv_pool_tokens}) must hold at least one request at max_seq_len "
+                f"({sizing.max_seq_len})",
+                param="kv_cache_tokens",
+            )
+        return sizing
 
     @property
     def on_gpu(self) -> bool:

@@ -1,9 +1,10 @@
-"""Batched attention over a slot-based KV cache, for prefill chunks and decode steps alike.
+"""Batched attention over the paged KV cache, for prefill chunks and decode steps alike.
 
 One forward pass may mix requests at different lengths: row ``b`` adds
 ``new_lens[b]`` tokens to slot ``slots[b]``, which already holds
-``starts[b]`` tokens. :class:`AttnBatch` computes the indices and the mask
-once per forward; :func:`cached_attention` uses them in every layer.
+``starts[b]`` tokens. :class:`AttnBatch` reserves the blocks those tokens go
+to and computes the block tables, write addresses and mask once per forward;
+:func:`cached_attention` uses them in every layer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mstar.layers.kv_cache import KVCache
+from mstar.layers.kv_cache import KVCache, KVCacheFullError
 
 __all__ = ["AttnBatch", "cached_attention"]
 
@@ -27,6 +28,7 @@ class AttnBatch:
     """Where a batch's new tokens go in the cache, and what each may attend to."""
 
     slots: torch.Tensor  # [B] long
+    table: torch.Tensor  # [B, ceil(kv_len / block_size)] long: each row's blocks (the null block past its own)
     starts: list[int]
     new_lens: list[int]
     positions: torch.Tensor  # [B, T] long: absolute positions (padding rows repeat the last one)
@@ -37,6 +39,8 @@ class AttnBatch:
     write_cols: torch.Tensor  # [N] query column of each valid new token
     write_slots: torch.Tensor  # [N] cache slot of each valid new token
     write_pos: torch.Tensor  # [N] cache position of each valid new token
+    write_block: torch.Tensor  # [N] pool block each valid new token is stored in
+    write_offset: torch.Tensor  # [N] position inside that block
 
     @classmethod
     def build(
@@ -61,6 +65,13 @@ class AttnBatch:
         kv_len = max(s + n for s, n in zip(starts, new_lens, strict=True))
         if kv_len > cache.max_len:
             raise ValueError(f"KV cache overflow: {kv_len} positions needed, slots hold {cache.max_len}")
+        for slot, start, n in zip(slots, starts, new_lens, strict=True):
+            if not cache.reserve(slot, start + n, start):
+                raise KVCacheFullError(
+                    f"the KV cache has {cache.blocks_free} free blocks; a forward needed more (reserve them before it)"
+                )
+        bs = cache.block_size
+        table = cache.table(slots, -(-kv_len // bs), device=device)
         start_t = torch.tensor(starts, device=device)[:, None]
         cols = torch.arange(t, device=device)[None, :]
         lens_t = torch.tensor(new_lens, device=device)[:, None]
@@ -75,8 +86,10 @@ class AttnBatch:
             allowed = keys < (start_t + lens_t)[:, :, None]
         # Every query row must see something, or softmax yields NaN on padding rows.
         need_mask = not (t == 1 and all(s + n == kv_len for s, n in zip(starts, new_lens, strict=True)))
+        write_pos = positions[rows, qcols]
         return cls(
             slots=slots_t,
+            table=table,
             starts=starts,
             new_lens=new_lens,
             positions=positions,
@@ -86,7 +99,9 @@ class AttnBatch:
             write_rows=rows,
             write_cols=qcols,
             write_slots=slots_t[rows],
-            write_pos=positions[rows, qcols],
+            write_pos=write_pos,
+            write_block=table[rows, write_pos // bs],
+            write_offset=write_pos % bs,
         )
 
     def commit(self, cache: KVCache) -> None:
@@ -106,20 +121,20 @@ def cached_attention(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Store ``k_new``/``v_new`` [B, Hkv, T, D] in the cache and attend ``q`` [B, Hq, T, D] to the slot.
+    """Store ``k_new``/``v_new`` [B, Hkv, T, D] in the cache and attend ``q`` [B, Hq, T, D] to each row's context.
 
     ``mask`` overrides the batch's mask (shape [B, 1, T, kv_len], True = attend)
     for models with their own attention pattern (prefix-LM, block-causal).
     Returns [B, Hq, T, D].
     """
-    kc, vc = cache.k[layer], cache.v[layer]
+    kc, vc = cache.k[layer], cache.v[layer]  # [blocks, block_size, Hkv, D]
     r, c = batch.write_rows, batch.write_cols
-    kc[batch.write_slots, :, batch.write_pos] = k_new[r, :, c].to(kc.dtype)
-    vc[batch.write_slots, :, batch.write_pos] = v_new[r, :, c].to(vc.dtype)
+    kc[batch.write_block, batch.write_offset] = k_new[r, :, c].to(kc.dtype)
+    vc[batch.write_block, batch.write_offset] = v_new[r, :, c].to(vc.dtype)
     if PER_ROW_ON_CPU and q.device.type == "cpu":
         return _attend_rows(q, kc, vc, batch, scale, mask)
-    keys = kc[batch.slots, :, : batch.kv_len]
-    values = vc[batch.slots, :, : batch.kv_len]
+    keys = _gather(kc, batch.table, batch.kv_len)
+    values = _gather(vc, batch.table, batch.kv_len)
     attn_mask = mask if mask is not None else batch.mask
     groups = q.shape[1] // keys.shape[1]
     if groups > 1:
@@ -141,12 +156,14 @@ def _attend_rows(
     per-row calls cost little next to the matmuls; GPUs keep the batched call.
     """
     out = torch.zeros_like(q)
-    groups = q.shape[1] // kc.shape[1]
-    for b, slot in enumerate(batch.slots.tolist()):
+    groups = q.shape[1] // kc.shape[2]
+    bs = kc.shape[1]
+    for b in range(q.shape[0]):
         n = batch.new_lens[b]
         ctx = batch.starts[b] + n
-        keys = kc[slot, :, :ctx][None].to(q.dtype)
-        values = vc[slot, :, :ctx][None].to(q.dtype)
+        blocks = batch.table[b : b + 1, : -(-ctx // bs)]
+        keys = _gather(kc, blocks, ctx).to(q.dtype)
+        values = _gather(vc, blocks, ctx).to(q.dtype)
         if groups > 1:
             keys = keys.repeat_interleave(groups, dim=1)
             values = values.repeat_interleave(groups, dim=1)
@@ -159,3 +176,10 @@ def _attend_rows(
             row_mask = None
         out[b : b + 1, :, :n] = F.scaled_dot_product_attention(q[b : b + 1, :, :n], keys, values, attn_mask=row_mask, scale=scale)
     return out
+
+
+def _gather(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` positions of each row's blocks, as [B, Hkv, length, D] (a copy)."""
+    b, nb = table.shape
+    _, bs, heads, dim = pool.shape
+    return pool[table].reshape(b, nb * bs, heads, dim)[:, :length].transpose(1, 2)

@@ -134,8 +134,17 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def new_cache(self, num_slots: int, max_len: int, *, device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        """A slot cache shaped for this model."""
+    def new_cache(
+        self,
+        num_slots: int,
+        max_len: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+    ) -> KVCache:
+        """A paged cache shaped for this model (``num_blocks`` default: every slot at ``max_len``)."""
         cfg = self.config
         return KVCache(
             num_layers=cfg.num_hidden_layers,
@@ -145,6 +154,8 @@ class LlamaForCausalLM(nn.Module):
             head_dim=cfg.head_dim,
             device=device,
             dtype=dtype,
+            block_size=block_size,
+            num_blocks=num_blocks,
         )
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache, batch: AttnBatch) -> torch.Tensor:

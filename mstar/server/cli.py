@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens prefilled per step across requests")
     sizing.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                         help="static-shape decode captured as CUDA graphs")
+    sizing.add_argument("--kv-cache-tokens", type=int, default=None,
+                        help="positions in the paged KV pool shared by all requests")
+    sizing.add_argument("--kv-block-size", type=int, default=None, help="positions per KV block")
     p.add_argument("--upload-dir", type=Path, default=None,
                    help="where request media is saved while a request runs; files are deleted when it ends "
                    "(default: a fresh temporary directory)")
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MStarError as exc:
         print(f"mstar-server: {exc}", file=sys.stderr)
         return 2
-    for flag in ("max_batch_size", "max_seq_len", "prefill_chunk"):
+    for flag in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_cache_tokens", "kv_block_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             print(f"mstar-server: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -97,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_seq_len=args.max_seq_len,
             prefill_chunk=args.prefill_chunk,
             cuda_graphs=args.cuda_graphs,
+            kv_cache_tokens=args.kv_cache_tokens,
+            kv_block_size=args.kv_block_size,
         )
 
     config = ServerConfig(

@@ -10,7 +10,15 @@ windows in one codec call, keeping the window's second frame (2048 samples)
 as the reference does. Audio leaves as soon as a window is decoded.
 
 A request ends with ``stop`` on the stop token (128258), ``length`` when
-``max_output_tokens`` is reached or its KV slot is full.
+``max_output_tokens`` or ``max_seq_len`` positions are reached.
+
+KV memory is paged (mstar/layers/kv_cache.py): a step only runs the rows whose
+new tokens fit in free blocks. When decoding rows need more blocks than are
+free, the most recently admitted requests are preempted: their blocks are
+named in the prefix cache and released, and they go back to prefill over
+everything they had (prompt and output so far), resuming where they stopped,
+mostly from cached blocks. Prompts are matched against the prefix cache on
+admission, so a repeated voice prompt or text skips its prefill.
 """
 
 from __future__ import annotations
@@ -64,16 +72,21 @@ class Prepared:
 
 @dataclass(slots=True)
 class State:
-    """A running request: its KV slot, where it is in the prompt, and its audio codes so far."""
+    """A running request: its KV slot, where it is in its prefill, and its audio codes so far."""
 
     prompt: list[int]
     slot: int
     sampling: SamplingParams
     max_new: int
     noise: torch.Generator
+    order: int  # admission order: the latest admitted are preempted first
     phase: Literal["prefill", "decode"] = "prefill"
-    fed: int = 0  # prompt tokens already in the cache
+    # What prefill feeds: the prompt, or after a preemption everything the request had.
+    tokens: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens of ``tokens`` already in the cache
     pending: int = -1  # last sampled token, fed at the next decode step
+    kv_tokens: list[int] = field(default_factory=list)  # the tokens whose keys and values the slot holds
+    attached: bool = False  # False while preempted: the slot holds no block until prefill resumes
     codes: CodeStream = field(default_factory=CodeStream)
     windows: int = 0
     # Distinct tokens seen so far (prompt and output), for the repetition penalty; the set dedupes.
@@ -103,10 +116,14 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
     @classmethod
     def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
         if weights == TINY:
-            # A short context keeps a default-length tiny utterance (about 25 frames) quick on a CPU.
-            return Sizing(max_batch_size=8, max_seq_len=192)
-        # 16 slots x 4096 positions is ~7.5 GB of bf16 KV on a GPU; a CPU gets fewer slots.
-        return Sizing(max_batch_size=16 if settings.on_gpu else 2, max_seq_len=4096)
+            # 16 requests of 280 output tokens and a sentence of prompt decode together untruncated;
+            # the context stays short so a default-length tiny utterance (about 50 frames) is quick.
+            return Sizing(max_batch_size=16, max_seq_len=384)
+        if settings.on_gpu:
+            # 64 requests share a 65,536-position pool (~7.5 GB of bf16 KV for the 3B model): blocks
+            # follow the tokens each request holds, and any one request may grow to 8,192 positions.
+            return Sizing(max_batch_size=64, max_seq_len=8192, kv_cache_tokens=65_536)
+        return Sizing(max_batch_size=4, max_seq_len=4096, kv_cache_tokens=8192)
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
         super().__init__(weights=weights, settings=settings)
@@ -127,9 +144,18 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
             self.tokenizer = CheckpointTokenizer(ckpt)
         cfg, size = self.config, self.sizing
         # Opt-in static-shape decode (CUDA graphs on CUDA, see layers/graphed_decode.py): one extra
-        # cache slot takes the padding rows. Off by default; on CPU it only pads (for tests).
+        # cache slot (and one block) takes the padding rows. Off by default; on CPU it only pads.
         graphs = size.cuda_graphs
-        self.cache = self.model.new_cache(size.max_batch_size + int(graphs), size.max_seq_len, device=device, dtype=dtype)
+        self.cache = self.model.new_cache(
+            size.max_batch_size + int(graphs),
+            size.max_seq_len,
+            device=device,
+            dtype=dtype,
+            block_size=size.kv_block_size,
+            num_blocks=-(-size.kv_pool_tokens // size.kv_block_size) + 1 + int(graphs),
+        )
+        self._admitted = 0
+        self.preemptions = 0
         self.graphed: BucketedDecoder | None = None
         if graphs:
             scratch = self.cache.allocate()
@@ -177,13 +203,17 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
         max_new = room if p["max_output_tokens"] is None else int(p["max_output_tokens"])
         noise = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
         noise.manual_seed((req.seed ^ _NOISE_SEED_SALT) & 0x7FFF_FFFF_FFFF_FFFF)
+        self._admitted += 1
         st = State(
             prompt=prompt,
             slot=slot,
             sampling=SamplingParams(p["temperature"], p["top_p"], p["top_k"], p["repetition_penalty"]),
             max_new=max_new,
             noise=noise,
+            order=self._admitted,
+            tokens=list(prompt),
         )
+        self._attach_prefix(st)
         # Like the reference server (vLLM), the penalty covers prompt and generated tokens.
         st.see(prompt)
         req.state = st
@@ -197,11 +227,8 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
             st.slot = -1
 
     def stats(self) -> RunnerStats:
-        return RunnerStats(
-            kv_slots_used=self.cache.slots_used - int(self.graphed is not None),
-            kv_slots_total=self.sizing.max_batch_size,
-            kv_bytes=self.cache.nbytes,
-            activity=self.activity,
+        return RunnerStats.of_caches(
+            self.cache, activity=self.activity, reserved_slots=int(self.graphed is not None), preemptions=self.preemptions
         )
 
     def close(self) -> None:
@@ -210,14 +237,15 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self, reqs: list[Request]) -> None:
-        decoding = [r for r in reqs if self.state(r).phase == "decode"]
-        prefilling = [r for r in reqs if self.state(r).phase == "prefill"]
+        decoding = self._make_room([r for r in reqs if self.state(r).phase == "decode"], reqs)
+        prefilling = sorted((r for r in reqs if self.state(r).phase == "prefill"), key=lambda r: self.state(r).order)
         rows: list[Request] = []
         logits: list[torch.Tensor] = []
         if prefilling:
-            done, out = self._prefill(prefilling)
+            done, out = self._prefill(prefilling, self._blocks_for(decoding))
             rows += done
-            logits.append(out)
+            if done:
+                logits.append(out)
         if decoding:
             rows += decoding
             logits.append(self._decode(decoding))
@@ -226,17 +254,74 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
         tokens = self._sample(rows, torch.cat(logits))
         self._consume(rows, tokens)
 
-    def _prefill(self, reqs: list[Request]) -> tuple[list[Request], torch.Tensor]:
-        """Feed the next prompt chunk of as many requests as the token budget allows."""
+    # ------------------------------------------------------------------ KV blocks
+    def _attach_prefix(self, st: State) -> None:
+        """Start the slot with the cached blocks of ``st.tokens`` (never the last token: it makes the logits)."""
+        st.fed = self.cache.match_prefix(st.slot, st.tokens[:-1])
+        st.kv_tokens = st.tokens[: st.fed]
+        st.attached = True
+
+    def _blocks_for(self, decoding: list[Request]) -> int:
+        """Blocks this step's decode rows take for their next token."""
+        cache = self.cache
+        return sum(cache.blocks_needed(st.slot, cache.lengths[st.slot] + 1) for st in map(self.state, decoding))
+
+    def _make_room(self, decoding: list[Request], running: list[Request]) -> list[Request]:
+        """Preempt the latest admitted requests until every decoding row's next token has a block;
+        returns the decoding rows that still run this step."""
+        holders = sorted((r for r in running if self.state(r).attached), key=lambda r: self.state(r).order)
+        while self._blocks_for(decoding) > self.cache.blocks_free and holders:
+            victim = holders.pop()
+            self._preempt(self.state(victim))
+            if victim in decoding:
+                decoding = [r for r in decoding if r is not victim]
+        return decoding
+
+    def _preempt(self, st: State) -> None:
+        """Release a request's blocks (kept warm in the prefix cache) and send it back to prefill."""
+        self.cache.register_prefix(st.slot, st.kv_tokens)
+        if st.phase == "decode":
+            # Resume over everything it had: the prefill's last logits give its next token.
+            st.tokens = [*st.kv_tokens, st.pending]
+            st.phase = "prefill"
+        self.cache.free(st.slot)
+        reused = self.cache.allocate()
+        assert reused == st.slot  # the slot just freed is the one handed back
+        st.fed, st.kv_tokens, st.attached = 0, [], False
+        self.preemptions += 1
+
+    def _chunk_room(self, st: State, blocks: int) -> int:
+        """Tokens ``st`` can add using its own blocks plus ``blocks`` free ones."""
+        cache = self.cache
+        length = cache.lengths[st.slot]
+        own = len(cache.tables[st.slot]) * cache.block_size - length
+        shared = 1 if own > 0 and cache.blocks_needed(st.slot, length + 1) else 0  # a shared last block is copied
+        return max(0, own + (blocks - shared) * cache.block_size)
+
+    def _prefill(self, reqs: list[Request], reserved_blocks: int) -> tuple[list[Request], torch.Tensor]:
+        """Feed the next chunk of as many requests as the token budget and the free blocks (less
+        ``reserved_blocks``, kept for this step's decode rows) allow."""
         budget = self.sizing.prefill_chunk
+        blocks = self.cache.blocks_free - reserved_blocks
         chunks: list[tuple[Request, list[int]]] = []
         for r in reqs:
             st = self.state(r)
-            n = min(len(st.prompt) - st.fed, budget)
+            if not st.attached:
+                # A preempted request takes back its cached blocks only if it can then make progress
+                # without the blocks this step's decode rows need.
+                _, idle = self.cache.prefix_cost(st.tokens[:-1])
+                if blocks - idle < 1:
+                    break
+                self._attach_prefix(st)
+                blocks -= idle
+            n = min(len(st.tokens) - st.fed, budget, self._chunk_room(st, blocks))
             if n <= 0:
                 break
-            chunks.append((r, st.prompt[st.fed : st.fed + n]))
+            chunks.append((r, st.tokens[st.fed : st.fed + n]))
+            blocks -= self.cache.blocks_needed(st.slot, self.cache.lengths[st.slot] + n)
             budget -= n
+        if not chunks:
+            return [], torch.empty(0)
         width = max(len(c) for _, c in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, (_, c) in enumerate(chunks):
@@ -250,7 +335,9 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
         for i, (r, c) in enumerate(chunks):
             st = self.state(r)
             st.fed += len(c)
-            if st.fed == len(st.prompt):
+            st.kv_tokens.extend(c)
+            if st.fed == len(st.tokens):
+                self.cache.register_prefix(st.slot, st.kv_tokens)
                 finished.append(r)
                 keep.append(i)
         return finished, out[keep]
@@ -265,6 +352,8 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
             batch = AttnBatch.build(self.cache, [st.slot for st in states], [1] * len(reqs), device=self.device)
             out = self.model(ids.to(self.device), self.cache, batch)
             batch.commit(self.cache)
+        for st in states:
+            st.kv_tokens.append(st.pending)
         self.activity.record("decode", len(reqs))
         return out
 
