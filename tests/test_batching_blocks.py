@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mstar.layers.attention import AttnBatch, cached_attention
+from mstar.layers.invariant import BatchInvariantLinear
 from mstar.layers.kv_cache import KVCache
 from mstar.layers.rotary import RotaryEmbedding, apply_rotary
 from mstar.layers.sampling import SamplingParams, sample_tokens
@@ -47,9 +48,10 @@ class _TinyDecoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
-        self.qkv = nn.ModuleList(nn.Linear(DIM, (HEADS + 2 * KV_HEADS) * HEAD_DIM) for _ in range(LAYERS))
-        self.out = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(LAYERS))
-        self.head = nn.Linear(DIM, VOCAB)
+        # The projections the models use: with plain nn.Linear a row rounds differently alone and in a batch.
+        self.qkv = nn.ModuleList(BatchInvariantLinear(DIM, (HEADS + 2 * KV_HEADS) * HEAD_DIM) for _ in range(LAYERS))
+        self.out = nn.ModuleList(BatchInvariantLinear(DIM, DIM) for _ in range(LAYERS))
+        self.head = BatchInvariantLinear(DIM, VOCAB)
         self.rope = RotaryEmbedding(HEAD_DIM, theta=10000.0)
 
     @torch.no_grad()
@@ -158,19 +160,90 @@ def test_sampler_follows_the_top_k_top_p_distribution() -> None:
         torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
 
 
-def test_invariant_linear_rows_do_not_depend_on_the_other_rows() -> None:
+# (in, out) widths of the models' projections: the tiny Orpheus Llama (TINY_LLAMA), SmolLM2-135M-like
+# layers, and odd widths whose blocks do not start 64-byte aligned by themselves.
+_LINEAR_SHAPES = ((64, 64), (64, 32), (64, 128), (128, 64), (576, 576), (576, 192), (576, 1536), (1536, 576), (100, 77), (5, 3))
+# 1-3, 4-11 and 12+ rows take three different MKL kernels on an AMD EPYC; 33 and 64 span several blocks.
+_ROW_COUNTS = (*range(1, 21), 33, 64)
+
+
+def _check_rows_alone_equal_rows_in_batches(k: int, n: int, counts: tuple[int, ...], every_position: bool) -> None:
     from mstar.layers.invariant import invariant_linear
 
-    torch.manual_seed(2)
-    for k, n in ((64, 20000), (512, 1536), (1536, 512), (1024, 4096)):
+    gen = torch.Generator().manual_seed(k * 7919 + n)
+    w = torch.randn(n, k, generator=gen) * 0.02
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(max(counts), k, generator=gen)
+    alone = invariant_linear(x[:1], w, bias)[0]
+    for m in counts:
+        # The row among other rows, at the start, middle and end; then (all rows the same) at every position.
+        rows = x[:m].clone()
+        spots = sorted({0, m // 2, m - 1})
+        rows[spots] = x[0]
+        out = invariant_linear(rows, w, bias)
+        for p in spots:
+            assert torch.equal(out[p], alone), (k, n, m, p)
+        if every_position:
+            same = invariant_linear(x[:1].expand(m, k), w, bias)
+            for p in range(m):
+                assert torch.equal(same[p], alone), (k, n, m, p, "all rows alike")
+
+
+def test_invariant_linear_rows_do_not_depend_on_the_other_rows() -> None:
+    for k, n in _LINEAR_SHAPES:
+        _check_rows_alone_equal_rows_in_batches(k, n, _ROW_COUNTS, every_position=True)
+    # The tiny Orpheus vocabulary head (the largest matmul of a decode step): fewer row counts, it is slow.
+    _check_rows_alone_equal_rows_in_batches(64, 156940, (1, 2, 3, 4, 5, 11, 12, 17), every_position=False)
+
+
+@pytest.mark.parametrize("block_rows", [None, 1], ids=["default-blocks", "one-row-blocks"])
+def test_invariant_linear_ignores_the_layout_and_alignment_of_its_input(block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One-row calls are the ones whose rounding depends on the row's address (measured with MKL: k=100).
+    from mstar.layers import invariant
+    from mstar.layers.invariant import invariant_linear
+
+    if block_rows is not None:
+        monkeypatch.setattr(invariant, "BLOCK_ROWS", block_rows)
+    torch.manual_seed(3)
+    for k, n in ((64, 128), (100, 77), (576, 192)):
         w, bias = torch.randn(n, k) * 0.02, torch.randn(n)
-        x = torch.randn(300, k)
+        x = torch.randn(6, k)
         alone = invariant_linear(x[:1], w, bias)[0]
-        for m in (2, 3, 17, 64, 129, 300):
-            for pos in (0, m - 1):
-                rows = torch.cat([x[1:m][:pos], x[:1], x[1:m][pos:]])
-                assert torch.equal(invariant_linear(rows, w, bias)[pos], alone), (k, n, m, pos)
+        for off in range(1, 16):  # the row at every 4-byte offset from a 64-byte boundary, alone and in a batch
+            buf = torch.zeros(off + 6 * k)
+            view = buf[off:].view(6, k)
+            view.copy_(x)
+            assert torch.equal(invariant_linear(view[:1], w, bias)[0], alone), (k, n, off)
+            assert torch.equal(invariant_linear(view[:5], w, bias)[0], alone), (k, n, off)
+        strided = x.T.contiguous().T  # same values, column-major
+        assert torch.equal(invariant_linear(strided, w, bias)[0], alone), (k, n)
+        grid = torch.stack([x[:3], x[3:]])  # [2, 3, k]: the leading dims are flattened
+        assert torch.equal(invariant_linear(grid, w, bias)[0, 0], alone), (k, n)
+        torch.testing.assert_close(invariant_linear(grid, w, bias), torch.nn.functional.linear(grid, w, bias))
         torch.testing.assert_close(invariant_linear(x[:5, None], w, bias), torch.nn.functional.linear(x[:5, None], w, bias))
+
+
+def test_invariant_linear_falls_back_to_one_row_per_call_when_a_block_rounds_by_position(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BLAS whose columns round differently by position inside a block is caught by the check and avoided."""
+    from mstar.layers import invariant
+
+    real_mm = torch.mm
+
+    def skewed_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # column j rounds "differently": a tiny skew
+        out = real_mm(a, b)
+        return out * (1 + 1e-6 * torch.arange(out.shape[1], dtype=out.dtype))
+
+    monkeypatch.setattr(invariant, "_checked_rows", {})
+    monkeypatch.setattr(torch, "mm", skewed_mm)
+    torch.manual_seed(4)
+    w, x = torch.randn(96, 64), torch.randn(9, 64)
+    with pytest.warns(RuntimeWarning, match="one row per call"):
+        alone = invariant.invariant_linear(x[:1], w)[0]
+    assert set(invariant._checked_rows.values()) == {1}
+    for m in (2, 4, 9):
+        assert torch.equal(invariant.invariant_linear(x[:m], w)[0], alone), m
+    monkeypatch.setattr(torch, "mm", real_mm)
+    torch.testing.assert_close(invariant.invariant_linear(x, w), torch.nn.functional.linear(x, w))
 
 
 @pytest.mark.parametrize("spread", [0.5, 3.0, 30.0])

@@ -30,9 +30,7 @@ def _write(cache: KVCache, slot: int, n: int, seed: int) -> tuple[torch.Tensor, 
 
 
 def _read(cache: KVCache, slot: int) -> torch.Tensor:
-    n = cache.lengths[slot]
-    table = cache.table([slot], -(-n // cache.block_size), device="cpu")
-    return cache.k[0][table].reshape(-1, 2, 8)[:n].transpose(0, 1)
+    return cache.read(0, slot)[0]
 
 
 def test_blocks_follow_the_tokens_a_request_holds() -> None:

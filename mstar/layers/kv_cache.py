@@ -280,3 +280,12 @@ class KVCache:
         """[len(slots), num_blocks] block ids (the null block past a slot's own), on ``device``."""
         rows = [(self.tables[s] + [NULL_BLOCK] * num_blocks)[:num_blocks] for s in slots]
         return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def read(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of ``slot``'s keys and values in ``layer``, each [kv_heads, length, head_dim]."""
+        n = self.lengths[slot]
+        table = self.table([slot], -(-n // self.block_size), device=self.k.device)[0]
+        heads, dim = self.k.shape[-2:]
+        k = self.k[layer][table].reshape(-1, heads, dim)[:n].transpose(0, 1)
+        v = self.v[layer][table].reshape(-1, heads, dim)[:n].transpose(0, 1)
+        return k.contiguous(), v.contiguous()
