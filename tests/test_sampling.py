@@ -10,7 +10,8 @@ from mstar.layers.sampling import SamplingParams, penalise_repeats_, sample_toke
 
 
 def _naive_cutoff(row: torch.Tensor, top_p: float) -> float:
-    """The smallest probability the nucleus keeps, by a full sort and a Python loop (one row)."""
+    """The smallest probability the nucleus keeps, by a full sort and a Python loop (one row;
+    the running mass is a Python float, i.e. float64, as in the sampler)."""
     if top_p >= 1.0:
         return 0.0
     desc = torch.sort(row, descending=True).values
@@ -30,19 +31,21 @@ def _mixed_logits(rows: int, vocab: int) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("candidates", [16, 2048])
-def test_nucleus_cutoffs_equal_a_full_sort_for_peaked_and_flat_rows(monkeypatch: pytest.MonkeyPatch, candidates: int) -> None:
-    # Few candidates force the whole-row fallback for the flat rows; the peaked ones stay on candidates.
-    monkeypatch.setattr(sampling, "CPU_CANDIDATES", candidates)
+@pytest.mark.parametrize("bins", [3, 64, 4096])
+def test_nucleus_cutoffs_equal_a_full_sort_for_peaked_and_flat_rows(monkeypatch: pytest.MonkeyPatch, bins: int) -> None:
+    # Few bins leave many tokens in the bin that holds the cut-off; many bins leave a handful.
+    monkeypatch.setattr(sampling, "CPU_BINS", bins)
     probs = torch.softmax(_mixed_logits(6, 3000), dim=-1)
     top_ps = [0.8, 0.8, 0.95, 1.0, 0.5, 0.3]
-    cut = sampling._nucleus_cutoffs(probs, top_ps, [3000] * 6)
+    probs[3, :100] = 0.0  # a top-k row: masked tokens have no mass
+    probs[3] /= probs[3].sum()
+    cut = sampling._nucleus_cutoffs(probs, top_ps)
     for i, tp in enumerate(top_ps):
-        assert float(cut[i, 0]) == pytest.approx(_naive_cutoff(probs[i], tp), rel=1e-5, abs=0.0), i
+        assert float(cut[i, 0]) == _naive_cutoff(probs[i], tp), i  # exactly the same token's value
 
 
 def test_rows_sample_the_same_alone_and_in_any_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sampling, "CPU_CANDIDATES", 64)  # mixes the candidate and the whole-row paths
+    monkeypatch.setattr(sampling, "CPU_BINS", 64)  # wide bins: the cut-off's bin holds many tokens
     vocab = 500
     settings = [
         SamplingParams(temperature=0.0),
@@ -106,6 +109,37 @@ def test_cuda_sampling_matches_the_cpu_filtering() -> None:
     gens = [torch.Generator(device="cuda").manual_seed(i) for i in range(8)]
     picks = sample_tokens(logits, params, gens, [torch.tensor([1, 2, 3], device="cuda")] * 8)
     assert picks.device.type == "cuda" and picks.shape == (8,)
-    cut_gpu = sampling._nucleus_cutoffs(torch.softmax(logits / 0.6, -1), [0.8] * 8, [157_000] * 8)
-    cut_cpu = sampling._nucleus_cutoffs(torch.softmax(logits.cpu() / 0.6, -1), [0.8] * 8, [157_000] * 8)
+    cut_gpu = sampling._nucleus_cutoffs(torch.softmax(logits / 0.6, -1), [0.8] * 8)
+    cut_cpu = sampling._nucleus_cutoffs(torch.softmax(logits.cpu() / 0.6, -1), [0.8] * 8)
     torch.testing.assert_close(cut_gpu.cpu(), cut_cpu, rtol=1e-4, atol=0)
+
+
+def _nucleus_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    probs = torch.softmax(logits / p.temperature, -1)
+    desc, order = torch.sort(probs, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for value, idx in zip(desc.tolist(), order.tolist(), strict=True):
+        if mass >= p.top_p:
+            break
+        keep[idx] = True
+        mass += value
+    keep &= probs >= p.min_p * probs.max()
+    out = probs * keep
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("max_draws", [0, 1, 4], ids=["explicit-nucleus", "one-draw", "four-draws"])
+def test_cpu_draws_follow_the_nucleus_whether_accepted_or_rejected(monkeypatch: pytest.MonkeyPatch, max_draws: int) -> None:
+    # 0 draws: every row takes the explicit nucleus; 1: most rows are accepted at once, the rest fall back.
+    monkeypatch.setattr(sampling, "CPU_MAX_DRAWS", max_draws)
+    torch.manual_seed(2)
+    logits = torch.randn(10) * 1.5
+    p = SamplingParams(0.9, top_p=0.7, min_p=0.02)
+    draws = 2000
+    gens = [torch.Generator().manual_seed(i) for i in range(draws)]
+    picks = sample_tokens(logits.expand(draws, -1), [p] * draws, gens)
+    expected = _nucleus_distribution(logits, p)
+    assert set(picks.tolist()) <= set(expected.nonzero().flatten().tolist())
+    freq = torch.bincount(picks, minlength=10).float() / draws
+    torch.testing.assert_close(freq, expected, atol=0.035, rtol=0)
