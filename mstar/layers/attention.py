@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mstar.layers import paged_attention as _paged
 from mstar.layers.kv_cache import KVCache, KVCacheFullError
 
 __all__ = ["AttnBatch", "cached_attention"]
@@ -41,6 +42,7 @@ class AttnBatch:
     write_pos: torch.Tensor  # [N] cache position of each valid new token
     write_block: torch.Tensor  # [N] pool block each valid new token is stored in
     write_offset: torch.Tensor  # [N] position inside that block
+    context_lens: torch.Tensor  # [B] int32: each row's context after this forward (what a paged kernel reads)
 
     @classmethod
     def build(
@@ -102,6 +104,9 @@ class AttnBatch:
             write_pos=write_pos,
             write_block=table[rows, write_pos // bs],
             write_offset=write_pos % bs,
+            context_lens=torch.tensor(
+                [s + n for s, n in zip(starts, new_lens, strict=True)], dtype=torch.int32, device=device
+            ),
         )
 
     def commit(self, cache: KVCache) -> None:
@@ -131,6 +136,11 @@ def cached_attention(
     r, c = batch.write_rows, batch.write_cols
     kc[batch.write_block, batch.write_offset] = k_new[r, :, c].to(kc.dtype)
     vc[batch.write_block, batch.write_offset] = v_new[r, :, c].to(vc.dtype)
+    if use_paged_kernel(q, kc, mask):
+        # Decode on the GPU: the kernel reads every row's blocks in place through its table, GQA
+        # native; ``batch.mask`` for one new token only encodes each row's length, which
+        # ``context_lens`` carries.
+        return _paged.paged_decode_attention(q[:, :, 0], kc, vc, batch.table, batch.context_lens, scale)[:, :, None]
     if PER_ROW_ON_CPU and q.device.type == "cpu":
         return _attend_rows(q, kc, vc, batch, scale, mask)
     keys = _gather(kc, batch.table, batch.kv_len)
@@ -141,6 +151,12 @@ def cached_attention(
         keys = keys.repeat_interleave(groups, dim=1)
         values = values.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask, scale=scale)
+
+
+def use_paged_kernel(q: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether this attention call goes to the paged decode kernel: a CUDA decode step (one new
+    token per row) with no model-specific mask, on shapes the kernel handles."""
+    return q.is_cuda and q.shape[2] == 1 and mask is None and _paged.supports(q, pool)
 
 
 def _attend_rows(

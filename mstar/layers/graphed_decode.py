@@ -23,12 +23,16 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 
+from mstar.layers import attention
 from mstar.layers.attention import AttnBatch
 from mstar.layers.kv_cache import KVCache
+
+log = logging.getLogger("mstar.graphed_decode")
 
 __all__ = ["BucketedDecoder", "bucket_for"]
 
@@ -47,7 +51,8 @@ class BucketedDecoder:
     ``model(input_ids [B, 1], cache, batch) -> logits [B, V]`` is any decoder
     with the shared cache/attention contract (e.g. :class:`~mstar.layers.llama.LlamaForCausalLM`).
     ``scratch_slot`` is a cache slot reserved for padding rows; it is never
-    given to a request.
+    given to a request. ``per_batch_only`` (default: when decode attention goes
+    to the paged kernel) keeps every shape independent of the context.
     """
 
     def __init__(
@@ -59,6 +64,7 @@ class BucketedDecoder:
         max_batch: int,
         context_block: int = 256,
         compile: bool = False,
+        per_batch_only: bool | None = None,
     ) -> None:
         self.cache = cache
         self.scratch = scratch_slot
@@ -67,10 +73,22 @@ class BucketedDecoder:
         while self.buckets[-1] < max_batch:
             self.buckets.append(min(self.buckets[-1] * 2, max_batch))
         self.compiled = compile
+        # With the paged decode kernel, attention reads each row's length from a device tensor, so the
+        # context needs no padding to buckets: every block-table row is full width and a step's shapes
+        # depend on its batch bucket alone (one graph per bucket). Without it the masked SDPA path
+        # needs the context padded, and graphs are per (batch, context) bucket.
+        probe = torch.empty(1, 1, 1, cache.k.shape[-1], device=cache.k.device)
+        self.per_batch_only = attention.use_paged_kernel(probe, cache.k[0], None) if per_batch_only is None else per_batch_only
+        self.shapes: set[tuple[int, int]] = set()
         if compile:
             # The cache is written in place inside the graph: its storage must stay where it is.
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
+            # Room for every graph this decoder can ask for, so none silently falls back to eager.
+            contexts = 1 if self.per_batch_only else -(-cache.max_len // context_block)
+            limit = len(self.buckets) * contexts + 2
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, limit)
             self.forward: Callable[..., torch.Tensor] = torch.compile(model, mode="reduce-overhead", dynamic=False)
         else:
             self.forward = model
@@ -84,17 +102,26 @@ class BucketedDecoder:
         pad = padded - n
         cache.lengths[self.scratch] = 0
         all_slots = [*slots, *([self.scratch] * pad)]
-        batch = AttnBatch.build(cache, all_slots, [1] * padded, device=device)
-        # Context padded to a whole block (masked), so its shape changes once per block.
-        ctx = min(cache.max_len, -(-batch.kv_len // self.context_block) * self.context_block)
-        keys = torch.arange(ctx, device=device)
-        mask = (keys[None, None, None, :] <= batch.positions[:, None, :, None]).expand(padded, 1, 1, ctx)
-        table = cache.table(all_slots, -(-ctx // cache.block_size), device=device)
-        batch = dataclasses.replace(batch, kv_len=ctx, mask=mask, table=table)
+        built = batch = AttnBatch.build(cache, all_slots, [1] * padded, device=device)
+        if self.per_batch_only:
+            # Full-width tables, lengths in batch.context_lens; no host-side per-row lists in the graph.
+            ctx = cache.blocks_per_slot * cache.block_size
+            table = cache.table(all_slots, cache.blocks_per_slot, device=device)
+            batch = dataclasses.replace(batch, kv_len=ctx, mask=None, table=table, starts=[])
+        else:
+            # Context padded to a whole block (masked), so its shape changes once per block.
+            ctx = min(cache.max_len, -(-batch.kv_len // self.context_block) * self.context_block)
+            keys = torch.arange(ctx, device=device)
+            mask = (keys[None, None, None, :] <= batch.positions[:, None, :, None]).expand(padded, 1, 1, ctx)
+            table = cache.table(all_slots, -(-ctx // cache.block_size), device=device)
+            batch = dataclasses.replace(batch, kv_len=ctx, mask=mask, table=table)
+        if self.compiled and (padded, ctx) not in self.shapes:
+            self.shapes.add((padded, ctx))
+            log.info("decode graph %d: batch bucket %d, context %d positions", len(self.shapes), padded, ctx)
         ids = torch.zeros(padded, 1, dtype=torch.long)
         ids[:n, 0] = torch.tensor(list(tokens), dtype=torch.long)
         logits = self.forward(ids.to(device), cache, batch)
-        batch.commit(cache)
+        built.commit(cache)
         cache.lengths[self.scratch] = 0
         # A replayed graph reuses its output buffer: hand out a copy.
         return logits[:n].clone() if self.compiled else logits[:n]
