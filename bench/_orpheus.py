@@ -13,10 +13,20 @@
 * ``baseline_request``: one request the plain way: ``generate`` then SNAC
   over the same sliding windows (28 tokens, stride 7, keep samples
   2048:4096), one request after another.
+* ``device_models(size)``: the same LM and codec built directly on the target
+  device (no CPU init, no copies; no ``snac`` package needed), optionally
+  with a transformers twin that *shares* the LM's tensors (bench/gpu.py).
+* ``synthetic_text`` / ``prompt_lengths`` / ``timed_decode``: prompts of a
+  chosen token length for the tiny (byte) tokenizer, and the timing of a
+  batch's steady decode steps through the Engine (bench/gpu.py).
 """
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -36,6 +46,8 @@ from mstar.models.orpheus.config import (
     REPETITION_PENALTY,
     STOP_TOKEN,
     TEMPERATURE,
+    TINY_LLAMA,
+    TINY_SNAC,
     TOP_P,
     OrpheusConfig,
 )
@@ -56,6 +68,7 @@ BENCH_LLAMA = replace(
 BENCH_SNAC = SNACConfig(decoder_dim=64)
 
 SIZES: dict[str, tuple[LlamaConfig, SNACConfig]] = {
+    "tiny": (TINY_LLAMA, TINY_SNAC),
     "bench": (BENCH_LLAMA, BENCH_SNAC),
     "full": (FULL_LLAMA, SNAC_24KHZ),
 }
@@ -151,8 +164,12 @@ def bench_engine(
     models: BenchModels | None = None,
     force: bool = True,
     cuda_graphs: bool = False,
+    **sizing: Any,
 ) -> tuple[Any, dict[str, Any]]:
-    """An Engine running Orpheus at ``size`` with random weights; returns it and a description."""
+    """An Engine running Orpheus at ``size`` with random weights; returns it and a description.
+
+    ``sizing`` passes further Engine sizing keywords (``prefill_chunk``, ``kv_cache_tokens``, ``kv_block_size``).
+    The tokenizer is the tiny variant's byte tokenizer (one token per ASCII character)."""
     import mstar
     import mstar.models.orpheus.runner as runner_mod
 
@@ -167,7 +184,7 @@ def bench_engine(
         stack.enter_context(mock.patch.object(runner_mod, "build_tiny", lambda *a, **k: (models.lm, models.snac)))
         engine = mstar.Engine(
             "orpheus", weights="tiny", device=dev, dtype=dt, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-            cuda_graphs=cuda_graphs, max_queue=4096,
+            cuda_graphs=cuda_graphs, max_queue=4096, **sizing,
         )
     if force:
         force_audio(engine.runner)
@@ -182,6 +199,8 @@ def bench_engine(
         "kv_slots": max_batch_size,
         "max_seq_len": max_seq_len,
         "forced_audio_tokens": force,
+        "cuda_graphs": cuda_graphs,
+        "sizing": {k: getattr(engine.runner.sizing, k) for k in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_cache_tokens", "kv_block_size")},
     }
     return engine, desc
 
@@ -289,3 +308,138 @@ def prompt_ids(engine: Any, text: str, voice: str = "tara") -> list[int]:
     from mstar.models.orpheus.prompt import build_prompt
 
     return build_prompt(engine.runner.tokenizer, voice, text)
+
+
+# ----------------------------------------------------------------------------- built on the device (bench/gpu.py)
+
+
+def device_models(size: str, *, device: torch.device, dtype: torch.dtype, hf: bool = False, seed: int = 0) -> BenchModels:
+    """The LM (random N(0, 0.02), norms 1) and the codec at ``size``, built directly on ``device``.
+
+    No CPU initialisation and no host-to-device copies: the modules are constructed under
+    ``torch.device(device)`` in ``dtype`` (the codec in float32, as the runner keeps it). With
+    ``hf``, transformers' ``LlamaForCausalLM`` is built there too and then handed the LM's own
+    tensors (``load_state_dict(assign=True)``), so both read the very same weights and they are
+    held once. ``ref_snac`` stays None: the ``snac`` package is not needed.
+    """
+    from _common import build_random, default_dtype
+
+    llama_cfg, snac_cfg = SIZES[size]
+    lm = build_random(lambda: LlamaForCausalLM(llama_cfg), device, dtype, seed=seed)
+    torch.manual_seed(seed + 1)
+    with torch.device(device):
+        snac = SNACDecoder(snac_cfg).eval()
+    twin = None
+    if hf:
+        from transformers import LlamaForCausalLM as HFLlama
+
+        with torch.device(device), default_dtype(dtype):
+            twin = HFLlama(hf_config(llama_cfg)).eval()
+        twin.config._attn_implementation = "sdpa"
+        missing, unexpected = twin.load_state_dict(lm.state_dict(), strict=False, assign=True)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        if llama_cfg.tie_word_embeddings:
+            twin.lm_head.weight = twin.model.embed_tokens.weight
+        ours = {p.data_ptr() for p in lm.parameters()}
+        theirs = {p.data_ptr() for p in twin.parameters()}
+        assert theirs <= ours, "the transformers twin must share the LM's tensors"
+    return BenchModels(llama_cfg, snac_cfg, twin, None, lm, snac)
+
+
+#: Tokens build_prompt adds around the text with the byte tokenizer: 128259, BOS, "tara: ", then 4 markers.
+PROMPT_OVERHEAD = 12
+
+
+def synthetic_text(tokens: int, seed: int) -> str:
+    """Random lower-case words whose prompt (voice ``tara``, byte tokenizer) is exactly ``tokens`` long."""
+    n = max(1, tokens - PROMPT_OVERHEAD)
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: list[str] = [f"{seed}"]
+    while sum(len(w) + 1 for w in words) < n:
+        words.append("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))))
+    return " ".join(words)[:n]
+
+
+def prompt_lengths(batch: int, lo: int, hi: int) -> list[int]:
+    """Prompt lengths for a batch: one at the middle of ``[lo, hi]`` alone, else evenly spread over it
+    (mean the same middle), in a fixed shuffled order."""
+    if batch == 1:
+        return [(lo + hi) // 2]
+    lengths = [round(lo + (hi - lo) * i / (batch - 1)) for i in range(batch)]
+    random.Random(batch).shuffle(lengths)
+    return lengths
+
+
+def output_tokens_for(lengths: list[int], steps: int, prefill_chunk: int) -> int:
+    """Output tokens per request so that all of a batch decode together for about ``steps`` steps:
+    the first to finish its prefill must still be decoding when the last one starts."""
+    return steps + math.ceil(sum(lengths) / prefill_chunk) + 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_decode(engine: Any, texts: list[str], kwargs: dict[str, Any], *, warmup_steps: int = 5) -> dict[str, Any]:
+    """Run one request per text together; time the runner's steps where every one of them decodes.
+
+    Returns the median and mean step over those steps (after ``warmup_steps``), decode tokens/s =
+    batch / median step, the live KV tokens (positions held) averaged over the timed steps, a
+    snapshot of ``engine.stats()`` taken at the first timed step with the live tokens then, and the
+    load's per-request timings (time to first audio).
+    """
+    from _load import run_engine_load
+
+    batch = len(texts)
+    runner = engine.runner
+    original = runner.step
+    timings: list[tuple[int, int, float, int]] = []
+    snapshot: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def timed_step(reqs: list[Any]) -> None:
+        decoding = sum(1 for r in reqs if r.state.phase == "decode")
+        _sync(runner.device)
+        t0 = time.perf_counter()
+        original(reqs)
+        _sync(runner.device)
+        dt = time.perf_counter() - t0
+        live = sum(runner.cache.lengths[r.state.slot] for r in reqs if r.state.slot >= 0)
+        with lock:
+            timings.append((len(reqs), decoding, dt, live))
+            full = sum(1 for n, d, _, _ in timings if n == batch and d == batch)
+        if not snapshot and len(reqs) == batch and decoding == batch and full > warmup_steps:
+            snapshot.update(stats=engine.stats(), live_tokens=live, step=len(timings), block_size=runner.cache.block_size)
+
+    runner.step = timed_step
+    try:
+        res = run_engine_load(engine, texts, kwargs)
+    finally:
+        runner.step = original
+    full_steps = [(dt, live) for n, d, dt, live in timings if n == batch and d == batch]
+    steady = full_steps[warmup_steps:] if len(full_steps) > 2 * warmup_steps else full_steps
+    if not steady:
+        raise RuntimeError(f"no step decoded all {batch} rows together ({len(timings)} steps)")
+    dts = [dt for dt, _ in steady]
+    med, mean = statistics.median(dts), statistics.fmean(dts)
+    ttfa = [r.ttfa_s for r in res.requests if r.ttfa_s is not None]
+    return {
+        "batch": batch,
+        "steps_total": len(timings),
+        "steps_timed": len(steady),
+        "step_median_s": med,
+        "step_mean_s": mean,
+        "step_min_s": min(dts),
+        "decode_tok_s": batch / med,
+        "decode_tok_s_incl_snac": batch / mean,
+        "live_tokens_mean": statistics.fmean(live for _, live in steady),
+        "end_to_end_tok_s": res.tokens_per_s,
+        "output_tokens": res.tokens,
+        "wall_s": res.wall_s,
+        "ttfa_s_p50": statistics.median(ttfa) if ttfa else None,
+        "ttfa_s_max": max(ttfa) if ttfa else None,
+        "finish_reasons": sorted({r.finish_reason for r in res.requests}),
+        "kv_snapshot": snapshot or None,
+    }
