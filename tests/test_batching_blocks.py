@@ -162,7 +162,11 @@ def test_sampler_follows_the_top_k_top_p_distribution() -> None:
 
 # (in, out) widths of the models' projections: the tiny Orpheus Llama (TINY_LLAMA), SmolLM2-135M-like
 # layers, and odd widths whose blocks do not start 64-byte aligned by themselves.
-_LINEAR_SHAPES = ((64, 64), (64, 32), (64, 128), (128, 64), (576, 576), (576, 192), (576, 1536), (1536, 576), (100, 77), (5, 3))
+_LINEAR_SHAPES = (
+    (64, 64), (64, 32), (64, 128), (128, 64),
+    (576, 576), (576, 192), (576, 1536), (1536, 576),
+    (100, 77), (5, 3),
+)  # fmt: skip
 # 1-3, 4-11 and 12+ rows take three different MKL kernels on an AMD EPYC; 33 and 64 span several blocks.
 _ROW_COUNTS = (*range(1, 21), 33, 64)
 
@@ -172,58 +176,72 @@ def _check_rows_alone_equal_rows_in_batches(k: int, n: int, counts: tuple[int, .
 
     gen = torch.Generator().manual_seed(k * 7919 + n)
     w = torch.randn(n, k, generator=gen) * 0.02
-    bias = torch.randn(n, generator=gen)
     x = torch.randn(max(counts), k, generator=gen)
-    alone = invariant_linear(x[:1], w, bias)[0]
+    alone = invariant_linear(x[:1], w)[0]  # no bias: adding one would round away last-bit differences
     for m in counts:
         # The row among other rows, at the start, middle and end; then (all rows the same) at every position.
         rows = x[:m].clone()
         spots = sorted({0, m // 2, m - 1})
         rows[spots] = x[0]
-        out = invariant_linear(rows, w, bias)
+        out = invariant_linear(rows, w)
         for p in spots:
             assert torch.equal(out[p], alone), (k, n, m, p)
         if every_position:
-            same = invariant_linear(x[:1].expand(m, k), w, bias)
+            same = invariant_linear(x[:1].expand(m, k), w)
             for p in range(m):
                 assert torch.equal(same[p], alone), (k, n, m, p, "all rows alike")
 
 
-def test_invariant_linear_rows_do_not_depend_on_the_other_rows() -> None:
-    for k, n in _LINEAR_SHAPES:
-        _check_rows_alone_equal_rows_in_batches(k, n, _ROW_COUNTS, every_position=True)
-    # The tiny Orpheus vocabulary head (the largest matmul of a decode step): fewer row counts, it is slow.
-    _check_rows_alone_equal_rows_in_batches(64, 156940, (1, 2, 3, 4, 5, 11, 12, 17), every_position=False)
+@pytest.mark.parametrize("rows_per_call", [None, 4], ids=["default", "four-row-blocks-everywhere"])
+def test_invariant_linear_rows_do_not_depend_on_the_other_rows(
+    rows_per_call: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mstar.layers import invariant
+
+    if rows_per_call is None:
+        for k, n in _LINEAR_SHAPES:
+            _check_rows_alone_equal_rows_in_batches(k, n, _ROW_COUNTS, every_position=True)
+        # The tiny Orpheus vocabulary head (two-row blocks by default): fewer row counts, it is slow.
+        _check_rows_alone_equal_rows_in_batches(64, 156940, (1, 2, 3, 4, 5, 11, 12, 17), every_position=False)
+    else:  # blocks on the layers too (fewer cases: small threaded calls stall when the cores are shared)
+        monkeypatch.setattr(invariant, "ROWS_PER_CALL", rows_per_call)
+        for k, n in ((64, 128), (576, 1536), (100, 77)):
+            _check_rows_alone_equal_rows_in_batches(k, n, (*range(1, 14), 17, 33), every_position=True)
 
 
-@pytest.mark.parametrize("block_rows", [None, 1], ids=["default-blocks", "one-row-blocks"])
-def test_invariant_linear_ignores_the_layout_and_alignment_of_its_input(block_rows: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rows_per_call", [1, 4], ids=["one-row-calls", "four-row-blocks"])
+def test_invariant_linear_ignores_the_layout_and_alignment_of_its_input(
+    rows_per_call: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # One-row calls are the ones whose rounding depends on the row's address (measured with MKL: k=100).
     from mstar.layers import invariant
     from mstar.layers.invariant import invariant_linear
 
-    if block_rows is not None:
-        monkeypatch.setattr(invariant, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(invariant, "ROWS_PER_CALL", rows_per_call)
     torch.manual_seed(3)
     for k, n in ((64, 128), (100, 77), (576, 192)):
         w, bias = torch.randn(n, k) * 0.02, torch.randn(n)
         x = torch.randn(6, k)
-        alone = invariant_linear(x[:1], w, bias)[0]
+        alone = invariant_linear(x[:1], w)[0]
         for off in range(1, 16):  # the row at every 4-byte offset from a 64-byte boundary, alone and in a batch
             buf = torch.zeros(off + 6 * k)
             view = buf[off:].view(6, k)
             view.copy_(x)
-            assert torch.equal(invariant_linear(view[:1], w, bias)[0], alone), (k, n, off)
-            assert torch.equal(invariant_linear(view[:5], w, bias)[0], alone), (k, n, off)
+            assert torch.equal(invariant_linear(view[:1], w)[0], alone), (k, n, off)
+            assert torch.equal(invariant_linear(view[:5], w)[0], alone), (k, n, off)
         strided = x.T.contiguous().T  # same values, column-major
-        assert torch.equal(invariant_linear(strided, w, bias)[0], alone), (k, n)
+        assert torch.equal(invariant_linear(strided, w)[0], alone), (k, n)
         grid = torch.stack([x[:3], x[3:]])  # [2, 3, k]: the leading dims are flattened
-        assert torch.equal(invariant_linear(grid, w, bias)[0, 0], alone), (k, n)
+        assert torch.equal(invariant_linear(grid, w)[0, 0], alone), (k, n)
+        assert torch.equal(invariant_linear(grid, w, bias)[1, 2], invariant_linear(x[5:], w, bias)[0]), (k, n)
         torch.testing.assert_close(invariant_linear(grid, w, bias), torch.nn.functional.linear(grid, w, bias))
-        torch.testing.assert_close(invariant_linear(x[:5, None], w, bias), torch.nn.functional.linear(x[:5, None], w, bias))
+        lifted = x[:5, None]
+        torch.testing.assert_close(invariant_linear(lifted, w, bias), torch.nn.functional.linear(lifted, w, bias))
 
 
-def test_invariant_linear_falls_back_to_one_row_per_call_when_a_block_rounds_by_position(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invariant_linear_falls_back_to_one_row_per_call_when_a_block_rounds_by_position(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A BLAS whose columns round differently by position inside a block is caught by the check and avoided."""
     from mstar.layers import invariant
 
@@ -234,6 +252,7 @@ def test_invariant_linear_falls_back_to_one_row_per_call_when_a_block_rounds_by_
         return out * (1 + 1e-6 * torch.arange(out.shape[1], dtype=out.dtype))
 
     monkeypatch.setattr(invariant, "_checked_rows", {})
+    monkeypatch.setattr(invariant, "ROWS_PER_CALL", 4)
     monkeypatch.setattr(torch, "mm", skewed_mm)
     torch.manual_seed(4)
     w, x = torch.randn(96, 64), torch.randn(9, 64)
@@ -254,6 +273,7 @@ def test_top_p_cutoff_from_candidates_equals_the_full_sort(spread: float) -> Non
     probs = torch.softmax(torch.randn(50_000) * spread, dim=-1)  # from peaked to nearly flat
     for top_p in (0.1, 0.8, 0.95):
         desc = torch.sort(probs, descending=True).values
-        last = int(torch.searchsorted(torch.cumsum(desc, 0), torch.tensor([top_p]))[0])
-        assert _nucleus_cutoffs(probs[None], [top_p], [50_000])[0, 0] == desc[min(last, desc.numel() - 1)]
-    assert _nucleus_cutoffs(probs[None], [1.0], [50_000])[0, 0] == 0
+        # The running mass in float64, as the sampler adds it up.
+        last = int(torch.searchsorted(torch.cumsum(desc.double(), 0), torch.tensor([top_p], dtype=torch.float64))[0])
+        assert _nucleus_cutoffs(probs[None], [top_p])[0, 0] == desc[min(last, desc.numel() - 1)]
+    assert _nucleus_cutoffs(probs[None], [1.0])[0, 0] == 0

@@ -30,12 +30,16 @@ def test_padded_decode_matches_eager_decode_and_keeps_the_scratch_slot_empty(per
     monkeypatch.setattr(attention, "PER_ROW_ON_CPU", per_row)
     torch.manual_seed(0)
     model = LlamaForCausalLM(CFG).eval()
-    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
-    caches = [model.new_cache(4, 64, device="cpu", dtype=torch.float32) for _ in range(2)]
-    slots = [[c.allocate() for _ in prompts] for c in caches]
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11], [12], [13, 14, 15, 16]]
+    caches = [model.new_cache(8, 64, device="cpu", dtype=torch.float32) for _ in range(2)]
+    slots: list[list[int]] = []
+    for c in caches:
+        got = [c.allocate() for _ in prompts]
+        assert None not in got
+        slots.append([s for s in got if s is not None])
     scratch = caches[1].allocate()
     assert scratch is not None
-    decoder = BucketedDecoder(model, caches[1], scratch, max_batch=4, context_block=16)
+    decoder = BucketedDecoder(model, caches[1], scratch, max_batch=8, context_block=16)
     last: list[list[int]] = [[], []]
     with torch.inference_mode():
         for k, cache in enumerate(caches):  # the same prefill into both caches
@@ -43,8 +47,9 @@ def test_padded_decode_matches_eager_decode_and_keeps_the_scratch_slot_empty(per
                 batch = AttnBatch.build(cache, [slot], [len(p)], device="cpu")
                 last[k].append(int(model(torch.tensor([p]), cache, batch).argmax(-1)))
                 batch.commit(cache)
-        for step in range(6):
-            live = slice(0, 3 if step < 3 else 2)  # the third request leaves half way
+        # Requests leave one by one: 5, 4, 3, 2 and 1 live rows run in buckets of 8, 4, 4, 2 and 1.
+        for n_live in (5, 5, 4, 3, 3, 2, 1, 1):
+            live = slice(0, n_live)
             batch = AttnBatch.build(caches[0], slots[0][live], [1] * len(slots[0][live]), device="cpu")
             eager = model(torch.tensor([[t] for t in last[0][live]]), caches[0], batch)
             batch.commit(caches[0])
