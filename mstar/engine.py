@@ -109,7 +109,9 @@ class Engine(GenerateSugar[EventStream]):
     KV cache slots), ``max_seq_len`` positions each, ``prefill_chunk`` prompt
     tokens are prefilled per step, ``cuda_graphs`` turns on static-shape
     decode, ``kv_cache_tokens`` sizes the paged KV pool all requests share
-    (in blocks of ``kv_block_size`` positions). ``max_queue`` requests may wait beyond those; ``request_timeout``
+    (in blocks of ``kv_block_size`` positions), and ``batch_invariant`` (CPU,
+    default on) trades batched CPU speed for seeded results that do not depend
+    on the batch. ``max_queue`` requests may wait beyond those; ``request_timeout``
     is the default per-request deadline in seconds.
     """
 
@@ -126,6 +128,7 @@ class Engine(GenerateSugar[EventStream]):
         cuda_graphs: bool | None = None,
         kv_cache_tokens: int | None = None,
         kv_block_size: int | None = None,
+        batch_invariant: bool | None = None,
         max_queue: int = 1024,
         request_timeout: float | None = 600.0,
     ) -> None:
@@ -141,6 +144,7 @@ class Engine(GenerateSugar[EventStream]):
             cuda_graphs=cuda_graphs,
             kv_cache_tokens=kv_cache_tokens,
             kv_block_size=kv_block_size,
+            batch_invariant=batch_invariant,
         )
         self.request_timeout = request_timeout
         runner_cls = load_runner_class(model)

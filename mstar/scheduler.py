@@ -105,6 +105,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
+        self.runner.on_scheduler_thread()
         while True:
             with self._lock:
                 while not self._closed and not self._waiting and not self._active:

@@ -21,6 +21,12 @@ field              meaning
                    never runs out; smaller pools admit and preempt by blocks)
 ``kv_block_size``  positions per KV block (the unit of allocation and of
                    prefix sharing)
+``batch_invariant`` CPU fp32 only: compute every linear layer row by row in a
+                   fixed shape, so a seeded request gives bitwise the same
+                   output alone or in any batch (default on). Off, batched
+                   decode and prefill run at ``F.linear`` speed (several times
+                   faster per row at batch 8 and more) and results may differ
+                   in the last bits with the batch (mstar/layers/invariant.py)
 =================  ==========================================================
 """
 
@@ -35,6 +41,7 @@ from mstar.errors import InvalidParameterError
 __all__ = ["RunnerSettings", "Sizing"]
 
 _SIZES = ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_cache_tokens", "kv_block_size")
+_FLAGS = ("cuda_graphs", "batch_invariant")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +54,7 @@ class Sizing:
     cuda_graphs: bool = False
     kv_cache_tokens: int | None = None
     kv_block_size: int = 16
+    batch_invariant: bool = True
 
     @property
     def kv_pool_tokens(self) -> int:
@@ -66,18 +74,21 @@ class RunnerSettings:
     cuda_graphs: bool | None = None
     kv_cache_tokens: int | None = None
     kv_block_size: int | None = None
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         for name in _SIZES:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}", param=name)
-        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
-            raise InvalidParameterError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}", param="cuda_graphs")
+        for flag in _FLAGS:
+            value = getattr(self, flag)
+            if value is not None and not isinstance(value, bool):
+                raise InvalidParameterError(f"{flag} must be true or false, got {value!r}", param=flag)
 
     def resolve(self, defaults: Sizing) -> Sizing:
         """``defaults`` with every field this object sets replacing the family's value."""
-        overrides = {name: getattr(self, name) for name in (*_SIZES, "cuda_graphs") if getattr(self, name) is not None}
+        overrides = {name: getattr(self, name) for name in (*_SIZES, *_FLAGS) if getattr(self, name) is not None}
         sizing = replace(defaults, **overrides)
         if sizing.kv_pool_tokens < sizing.max_seq_len:
             # One request at full length must always fit, or it could wait for blocks forever.

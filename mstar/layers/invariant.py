@@ -44,18 +44,51 @@ it does not thread one-row calls of small weights.) Invariance holds for a
 fixed thread count (on this machine 1 and 2 threads also agree).
 
 GPUs, other dtypes and code being traced by ``torch.compile`` take the plain
-``F.linear`` path.
+``F.linear`` path, and so does a thread that turned invariance off with
+:func:`batch_invariance` (``Engine(batch_invariant=False)``: batched CPU decode and
+prefill at ``F.linear`` speed, at the price of results that may differ in the last bits
+with the batch a request shares).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ROWS_PER_CALL", "WIDE_OUTPUTS", "WIDE_ROWS_PER_CALL", "BatchInvariantLinear", "invariant_linear"]
+__all__ = [
+    "ROWS_PER_CALL",
+    "WIDE_OUTPUTS",
+    "WIDE_ROWS_PER_CALL",
+    "BatchInvariantLinear",
+    "batch_invariance",
+    "invariant_linear",
+    "set_batch_invariance",
+]
+
+# Per thread: each Engine's scheduler thread runs its model under its own setting.
+_mode = threading.local()
+
+
+def set_batch_invariance(on: bool) -> None:
+    """Turn batch invariance on or off for the calling thread (on by default)."""
+    _mode.on = on
+
+
+@contextmanager
+def batch_invariance(on: bool) -> Iterator[None]:
+    """Run a block with batch invariance on or off in this thread."""
+    before = getattr(_mode, "on", True)
+    _mode.on = on
+    try:
+        yield
+    finally:
+        _mode.on = before
 
 #: Rows in every BLAS call of an ordinary weight: one, the call ``F.linear`` makes for a lone row.
 ROWS_PER_CALL = 1
@@ -150,6 +183,7 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         or x.numel() == 0
         or weight.numel() == 0
         or torch.compiler.is_compiling()
+        or not getattr(_mode, "on", True)
     ):
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]

@@ -31,6 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
+from mstar.layers.invariant import set_batch_invariance
 from mstar.models.params import Param, validate_params
 from mstar.request import Request, RequestInputs
 from mstar.settings import RunnerSettings, Sizing
@@ -84,6 +85,10 @@ class ModelRunner(ABC, Generic[PreparedT, StateT]):
         return cast(PreparedT, None)
 
     # ------------------------------------------------------------------ scheduler's thread
+    def on_scheduler_thread(self) -> None:
+        """Called once on the scheduler's thread before its first step: per-thread model settings."""
+        set_batch_invariance(self.sizing.batch_invariant)
+
     def admit(self, req: Request) -> bool:
         """Reserve what ``req`` needs to start and set ``req.state``. Return False if it must wait."""
         return True

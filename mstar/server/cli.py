@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizing.add_argument("--kv-cache-tokens", type=int, default=None,
                         help="positions in the paged KV pool shared by all requests")
     sizing.add_argument("--kv-block-size", type=int, default=None, help="positions per KV block")
+    sizing.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="CPU: seeded results independent of the batch (default on); off is faster when batching")
     p.add_argument("--upload-dir", type=Path, default=None,
                    help="where request media is saved while a request runs; files are deleted when it ends "
                    "(default: a fresh temporary directory)")
@@ -102,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cuda_graphs=args.cuda_graphs,
             kv_cache_tokens=args.kv_cache_tokens,
             kv_block_size=args.kv_block_size,
+            batch_invariant=args.batch_invariant,
         )
 
     config = ServerConfig(

@@ -38,7 +38,10 @@ __all__ = [
     "Mode",
     "PreparedImage",
     "check_params",
+    "decode_budget",
     "decode_on_white",
+    "guidance_branches",
+    "kv_positions",
     "prepare_request",
     "with_marker_ids",
 ]
@@ -65,6 +68,7 @@ class BagelPrepared:
     images: tuple[PreparedImage, ...]  # indexed by the image parts
     size: tuple[int, int] | None  # (width, height) of the image to paint; None for chat
     context_len: int  # positions the parts fill in the conditional context
+    part_lens: tuple[int, ...] = ()  # positions of each part, in order (they add up to context_len)
 
 
 def _mode_of(output_modalities: tuple[str, ...]) -> Mode:
@@ -117,9 +121,64 @@ def prepare_request(
         parts.insert(0, Part("text", text=GEN_THINK_SYSTEM_PROMPT if mode == "image" else VLM_THINK_SYSTEM_PROMPT))
     size = _output_size(cfg, p, images) if mode == "image" else None
     prepared = _prepare_images(cfg, images, size)
-    context_len = _context_len(cfg, tokenizer, parts, prepared)
+    part_lens = _part_lens(cfg, tokenizer, parts, prepared)
+    context_len = sum(part_lens)
     _check_length(cfg, max_len, context_len, size, think=p["think_mode"])
-    return BagelPrepared(mode=mode, parts=tuple(parts), images=prepared, size=size, context_len=context_len)
+    return BagelPrepared(
+        mode=mode, parts=tuple(parts), images=prepared, size=size, context_len=context_len, part_lens=tuple(part_lens)
+    )
+
+
+def guidance_branches(mode: Mode, p: Mapping[str, Any]) -> list[str]:
+    """The contexts (one KV slot each) a request holds: "cond", and for guided pictures "text"
+    (without the last text) and "img" (without the input images)."""
+    if mode != "image":
+        return ["cond"]
+    out = ["cond"]
+    if p["cfg_text_scale"] > 1.0:
+        out.append("text")
+        if p["cfg_img_scale"] > 1.0:
+            out.append("img")
+    return out
+
+
+def _latent_positions(cfg: BagelConfig, size: tuple[int, int] | None) -> int:
+    """Positions of the latent row being denoised (its tokens between two markers); 0 for chat."""
+    if size is None:
+        return 0
+    w, h = size
+    return (w // cfg.latent_downsample) * (h // cfg.latent_downsample) + 2
+
+
+def decode_budget(cfg: BagelConfig, room: int, size: tuple[int, int] | None, max_output_tokens: int) -> int:
+    """Tokens a request may decode (a chat answer or a think-mode plan) with ``room`` positions left
+    after its context; a plan leaves room for its own markers and the latent row."""
+    if size is not None:
+        room -= _latent_positions(cfg, size) + 2
+    return max(1, min(max_output_tokens, room - 1))
+
+
+def kv_positions(cfg: BagelConfig, prep: BagelPrepared, p: Mapping[str, Any], max_len: int) -> dict[str, int]:
+    """The most positions each context of a request writes (what its KV blocks are reserved for).
+
+    cond: the parts, then the decoded answer, or (think mode) the plan decoded once and written
+    again as a text part, then the latent row being denoised. "text": the parts before the last
+    text, then the latent row. "img": the text parts, then the latent row. Denoising writes the
+    latent row after each context without keeping it, so it counts once.
+    """
+    latents = _latent_positions(cfg, prep.size)
+    decodes = prep.mode == "chat" or bool(p["think_mode"])
+    decoded = decode_budget(cfg, max_len - prep.context_len, prep.size, p["max_output_tokens"]) if decodes else 0
+    rewritten = decoded + 2 if decodes and prep.size is not None else 0  # the plan as a text part
+    lens = prep.part_lens
+    texts = [i for i, pt in enumerate(prep.parts) if pt.kind == "text"]
+    last_text = texts[-1] if texts else len(lens)
+    positions = {
+        "cond": prep.context_len + max(decoded, rewritten) + latents,
+        "text": sum(lens[:last_text]) + latents,
+        "img": sum(lens[i] for i in texts) + latents,
+    }
+    return {name: min(max_len, positions[name]) for name in guidance_branches(prep.mode, p)}
 
 
 def _output_size(cfg: BagelConfig, p: Mapping[str, Any], images: list[np.ndarray]) -> tuple[int, int]:
@@ -150,22 +209,25 @@ def _prepare_images(
     return tuple(out)
 
 
-def _context_len(
+def _part_lens(
     cfg: BagelConfig, tokenizer: TextTokenizer, parts: list[Part], images: tuple[PreparedImage, ...]
-) -> int:
+) -> list[int]:
+    """Context positions of each part: a text between its markers; an image's ViT tokens between
+    markers, and when painting its VAE latents between markers too."""
     c = cfg
-    n = 0
+    out = []
     for part in parts:
         if part.kind == "text":
-            n += len(tokenizer.encode(part.text)) + 2
+            n = len(tokenizer.encode(part.text)) + 2
         else:
             img = images[part.image]
             _, vh, vw = img.vit.shape
-            n += (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
+            n = (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
             if img.vae is not None:
                 _, h, w = img.vae.shape
                 n += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
-    return n
+        out.append(n)
+    return out
 
 
 def _check_length(

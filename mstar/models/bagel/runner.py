@@ -13,7 +13,17 @@ branches, then each request emits ``Progress``;
 Sizing (:meth:`BagelRunner.default_sizing`, overridable through
 :class:`~mstar.settings.RunnerSettings`): ``max_batch_size`` is the number of
 KV slots, one per context (a chat holds one, an image request up to three),
-``max_seq_len`` the positions of each. ``stats()`` counts the calls of
+``max_seq_len`` the positions of each. The contexts live in one paged pool of
+``kv_cache_tokens`` positions in blocks of ``kv_block_size`` (unset: every slot
+at full length, which never runs out). Guidance contexts share their parent's
+blocks instead of recomputing them: the text-guidance context is the
+conditional one up to its last text (``copy_slot``), the image-guidance one the
+conditional one up to its first image, then its remaining text parts; a
+shared block is copied only when one of them writes into it. A request is
+admitted only when the blocks each of its contexts may take at worst
+(:func:`~mstar.models.bagel.prepare.kv_positions`) fit beside what admitted
+requests have reserved, so a forward never finds the pool full; one that
+could not fit even in an empty pool is refused by ``prepare``. ``stats()`` counts the calls of
 ``prefill`` (one per request), ``decode`` (rows: requests), ``denoise``
 (rows: guidance branches of all requests in that forward) and ``vae``.
 
@@ -42,7 +52,15 @@ from mstar.layers.sampling import SamplingParams, sample_tokens
 from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.forward import BagelForward, Context, LatentRow
 from mstar.models.bagel.model import Bagel
-from mstar.models.bagel.prepare import BagelPrepared, check_params, prepare_request, with_marker_ids
+from mstar.models.bagel.prepare import (
+    BagelPrepared,
+    check_params,
+    decode_budget,
+    guidance_branches,
+    kv_positions,
+    prepare_request,
+    with_marker_ids,
+)
 from mstar.models.bagel.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
 from mstar.models.bagel.weights import CHECKPOINT_FILES, build_models, load_checkpoint, load_tiny
 from mstar.models.base import ModelRunner
@@ -89,6 +107,7 @@ class BagelState:
     saved_len: int = 0  # cond context length before think-mode decoding
     saved_rope: int = 0
     denoise: Denoising | None = None
+    kv_blocks: int = 0  # KV blocks reserved for the worst case of all its contexts (given back at release)
 
     @property
     def denoising(self) -> Denoising:
@@ -141,16 +160,21 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
         self.model.language_model.model.rotary_emb = RotaryEmbedding(self.cfg.llm.head_dim, self.cfg.llm.rope_theta).to(
             device
         )
-        llm = self.cfg.llm
+        llm, size = self.cfg.llm, self.sizing
         self.cache = KVCache(
             num_layers=llm.num_hidden_layers,
-            num_slots=self.sizing.max_batch_size,  # one slot per context: a request holds one to three
-            max_len=self.sizing.max_seq_len,
+            num_slots=size.max_batch_size,  # one slot per context: a request holds one to three
+            max_len=size.max_seq_len,
             num_kv_heads=llm.num_key_value_heads,
             head_dim=llm.head_dim,
             device=device,
             dtype=dtype,
+            block_size=size.kv_block_size,
+            # None: every slot at full length, so the default pool never runs out.
+            num_blocks=None if size.kv_cache_tokens is None else -(-size.kv_cache_tokens // size.kv_block_size) + 1,
         )
+        #: KV blocks the admitted requests may take at worst (reserved at admit, given back at release).
+        self.reserved_blocks = 0
         self.fwd = BagelForward(self.model, self.vae, self.cache, self.cfg)
 
     @classmethod
@@ -169,19 +193,28 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
     def prepare(
         self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]
     ) -> BagelPrepared:
-        return prepare_request(self.cfg, self.tokenizer, self.cache.max_len, inputs, output_modalities, params)
+        prep = prepare_request(self.cfg, self.tokenizer, self.cache.max_len, inputs, output_modalities, params)
+        names = guidance_branches(prep.mode, params)
+        if len(names) > self.cache.num_slots:
+            raise InvalidRequestError(f"a request needs {len(names)} KV slots; the cache has {self.cache.num_slots}")
+        need = self._kv_blocks(prep, params)
+        if need > self.cache.usable_blocks:
+            raise InvalidRequestError(
+                f"this request may need {need} KV blocks of {self.cache.block_size} positions for its "
+                f"{len(names)} context(s); the pool holds {self.cache.usable_blocks} "
+                f"(kv_cache_tokens={self.sizing.kv_pool_tokens})",
+                param="kv_cache_tokens",
+            )
+        return prep
 
     # ------------------------------------------------------------------ life cycle
     def _branches(self, req: Request) -> list[str]:
-        p = req.params
-        if self.prepared(req).mode != "image":
-            return ["cond"]
-        out = ["cond"]
-        if p["cfg_text_scale"] > 1.0:
-            out.append("text")
-            if p["cfg_img_scale"] > 1.0:
-                out.append("img")
-        return out
+        return guidance_branches(self.prepared(req).mode, req.params)
+
+    def _kv_blocks(self, prep: BagelPrepared, params: Mapping[str, Any]) -> int:
+        """Blocks all the contexts of a request may take at worst (shared blocks counted in each)."""
+        bs = self.cache.block_size
+        return sum(-(-n // bs) for n in kv_positions(self.cfg, prep, params, self.cache.max_len).values())
 
     def admit(self, req: Request) -> bool:
         names = self._branches(req)
@@ -192,11 +225,20 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
                 )
             return False
         p = req.params
-        st = BagelState(sampling=SamplingParams(temperature=p["temperature"], top_p=p["top_p"]))
+        need = self._kv_blocks(self.prepared(req), p)
+        if self.reserved_blocks + need > self.cache.usable_blocks:
+            if self.reserved_blocks == 0:
+                raise InvalidRequestError(
+                    f"a request needs {need} KV blocks; the pool has {self.cache.usable_blocks}",
+                    param="kv_cache_tokens",
+                )
+            return False
+        st = BagelState(sampling=SamplingParams(temperature=p["temperature"], top_p=p["top_p"]), kv_blocks=need)
         for name in names:
             slot = self.cache.allocate()
             assert slot is not None
             st.ctx[name] = Context(slot)
+        self.reserved_blocks += need
         req.state = st
         return True
 
@@ -206,16 +248,14 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
             for ctx in st.ctx.values():
                 self.cache.free(ctx.slot)
             st.ctx.clear()
+            self.reserved_blocks -= st.kv_blocks
+            st.kv_blocks = 0
 
     def stats(self) -> RunnerStats:
-        """KV slots (contexts) in use, and per component ("prefill", "decode", "denoise", "vae") the calls
-        made and their rows; a denoising forward's rows are the guidance branches of every request in it."""
-        return RunnerStats(
-            kv_slots_used=self.cache.slots_used,
-            kv_slots_total=self.cache.num_slots,
-            kv_bytes=self.cache.nbytes,
-            activity=self.activity,
-        )
+        """KV slots (contexts) and blocks in use, and per component ("prefill", "decode", "denoise", "vae")
+        the calls made and their rows; a denoising forward's rows are the guidance branches of every
+        request in it."""
+        return RunnerStats.of_caches(self.cache, activity=self.activity)
 
     # ------------------------------------------------------------------ stepping
     @torch.inference_mode()
@@ -248,12 +288,17 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
         last_text = (
             max(i for i, pt in enumerate(parts) if pt.kind == "text") if any(pt.kind == "text" for pt in parts) else -1
         )
-        text_ctx = st.ctx.get("text")
+        text_ctx, img_ctx = st.ctx.get("text"), st.ctx.get("img")
+        first_image = next((i for i, pt in enumerate(parts) if pt.kind == "image"), len(parts))
         for i, part in enumerate(parts):
             if i == last_text and text_ctx is not None:
                 # Text guidance drops the last text: snapshot the context just before it.
                 cache.copy_slot(cond.slot, text_ctx.slot)
                 text_ctx.rope = cond.rope
+            if i == first_image and img_ctx is not None:
+                # Image guidance drops the images: up to the first one it is the conditional context.
+                cache.copy_slot(cond.slot, img_ctx.slot)
+                img_ctx.rope = cond.rope
             if part.kind == "text":
                 ids = self.tokenizer.encode(part.text)
                 fwd.text(cond, ids)
@@ -268,10 +313,13 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
                 before = cache.lengths[cond.slot]
                 fwd.vit_image(cond, img.vit)
                 req.input_tokens += cache.lengths[cond.slot] - before
-        img_ctx = st.ctx.get("img")
         if img_ctx is not None:
-            # Image guidance drops the input images: the text parts alone.
-            for part in parts:
+            # Image guidance drops the input images: the text parts alone (those before the first
+            # image are shared with the conditional context; without images, all of them are).
+            if first_image == len(parts):
+                cache.copy_slot(cond.slot, img_ctx.slot)
+                img_ctx.rope = cond.rope
+            for part in parts[first_image:]:
                 if part.kind == "text":
                     fwd.text(img_ctx, self.tokenizer.encode(part.text))
         self.activity.record("prefill", 1)
@@ -284,11 +332,7 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
         st, prep = self.state(req), self.prepared(req)
         cond = st.ctx["cond"]
         st.saved_len, st.saved_rope = self.cache.lengths[cond.slot], cond.rope
-        room = self.cache.room(cond.slot)
-        if prep.size is not None:
-            w, h = prep.size
-            room -= (w // self.cfg.latent_downsample) * (h // self.cfg.latent_downsample) + 2 + 2
-        st.max_tokens = max(1, min(req.params["max_output_tokens"], room - 1))
+        st.max_tokens = decode_budget(self.cfg, self.cache.room(cond.slot), prep.size, req.params["max_output_tokens"])
         st.next_token = self.cfg.bos_token_id  # the answer opens with <|im_start|>
         st.phase = "decode"
 

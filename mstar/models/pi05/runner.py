@@ -11,6 +11,15 @@ for every request in it:
 
 Requests are batch-invariant: each draws its noise from its own seeded
 generator, and padding never leaks across rows.
+
+KV memory is paged: a request's slot holds its prefix and, while denoising,
+the action chunk written after it (never kept). The pool holds
+``kv_cache_tokens`` positions in blocks of ``kv_block_size`` (unset: every slot
+at full length, which never runs out). A request is admitted only when the
+blocks of its prefix plus one chunk fit beside what the admitted requests have
+reserved, so a forward never finds the pool full; one that could not fit even
+in an empty pool is refused by ``prepare``. The prefix is bidirectional and
+starts with the camera images, so it is not shared through the prefix cache.
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ class _State:
     x: torch.Tensor  # [chunk, action_dim] float32: noise at t=1, actions at t=0
     phase: Literal["prefill", "denoise"] = "prefill"
     step: int = 0
+    kv_blocks: int = 0  # KV blocks reserved for its prefix and one chunk (given back at release)
 
 
 def _sizing(cfg: Pi05Config, weights: str | None) -> Sizing:
@@ -96,16 +106,21 @@ class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
         self.model, self.cfg, self.tokenizer = _load(weights, self.device, self.dtype)
         cfg = self.cfg
         # The checkpoint's config.json may change the prefix length: size from the config actually loaded.
-        self.sizing = settings.resolve(_sizing(cfg, weights))
+        self.sizing = size = settings.resolve(_sizing(cfg, weights))
         self.cache = KVCache(
             num_layers=cfg.vlm.depth,
-            num_slots=self.sizing.max_batch_size,
-            max_len=self.sizing.max_seq_len,
+            num_slots=size.max_batch_size,
+            max_len=size.max_seq_len,
             num_kv_heads=cfg.vlm.num_kv_heads,
             head_dim=cfg.vlm.head_dim,
             device=self.device,
             dtype=self.model.dtype,
+            block_size=size.kv_block_size,
+            # None: every slot at full length, so the default pool never runs out.
+            num_blocks=None if size.kv_cache_tokens is None else -(-size.kv_cache_tokens // size.kv_block_size) + 1,
         )
+        #: KV blocks the admitted requests may take at worst (reserved at admit, given back at release).
+        self.reserved_blocks = 0
 
     @classmethod
     def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
@@ -181,13 +196,31 @@ class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
                 f"max_seq_len={self.sizing.max_seq_len}",
                 param="max_seq_len",
             )
-        return Pi05Prepared(tokens=tokens, pixels=pixels)
+        prepared = Pi05Prepared(tokens=tokens, pixels=pixels)
+        blocks = self._kv_blocks(prepared)
+        if blocks > self.cache.usable_blocks:
+            raise InvalidRequestError(
+                f"this request needs {blocks} KV blocks of {self.cache.block_size} positions ({needed} positions); "
+                f"the pool holds {self.cache.usable_blocks} (kv_cache_tokens={self.sizing.kv_pool_tokens})",
+                param="kv_cache_tokens",
+            )
+        return prepared
+
+    def _kv_blocks(self, p: Pi05Prepared) -> int:
+        """Blocks a request takes: its prefix (images and prompt) and one action chunk after it."""
+        positions = p.pixels.shape[0] * self.cfg.image_tokens + len(p.tokens) + self.cfg.chunk_size
+        return -(-positions // self.cache.block_size)
 
     # ------------------------------------------------------------------ scheduler thread
     def admit(self, req: Request) -> bool:
+        """Start ``req`` when a slot is free and its blocks fit beside what admitted requests reserved."""
+        blocks = self._kv_blocks(self.prepared(req))
+        if self.reserved_blocks + blocks > self.cache.usable_blocks:
+            return False
         slot = self.cache.allocate()
         if slot is None:
             return False
+        self.reserved_blocks += blocks
         gen = req.generator
         noise = torch.randn(
             (self.cfg.chunk_size, self.cfg.action_dim), generator=gen, device=gen.device, dtype=torch.float32
@@ -197,6 +230,7 @@ class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
             horizon=req.params["action_horizon"],
             num_steps=req.params["num_steps"],
             x=noise.to(self.device),
+            kv_blocks=blocks,
         )
         return True
 
@@ -214,14 +248,11 @@ class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
         if isinstance(state, _State) and state.slot is not None:
             self.cache.free(state.slot)
             state.slot = None
+            self.reserved_blocks -= state.kv_blocks
+            state.kv_blocks = 0
 
     def stats(self) -> RunnerStats:
-        return RunnerStats(
-            kv_slots_used=self.cache.slots_used,
-            kv_slots_total=self.cache.num_slots,
-            kv_bytes=self.cache.nbytes,
-            activity=self.activity,
-        )
+        return RunnerStats.of_caches(self.cache, activity=self.activity)
 
     def close(self) -> None:
         self.cache.k = self.cache.v = torch.empty(0)

@@ -5,11 +5,21 @@ then ``<|im_start|>assistant\\n``. Media parts expand to their placeholder runs
 (``<|vision_start|><|image_pad|>*n<|vision_end|>``,
 ``<|audio_start|><|audio_pad|>*n<|audio_end|>``, and the video equivalent),
 ``n`` being the number of embeddings the encoder yields for that item.
+
+Prefix caching (the Thinker's, see :func:`text_prefix_len`): the keys and
+values of a prompt token depend on every token before it, on the media
+embeddings scattered into placeholder runs and on the 3-D positions. Only the
+part of a prompt *before its first media placeholder* is named in the prefix
+cache: there every token is an ordinary text token (its embedding is its id's)
+and :func:`mrope_positions` gives it the plain position ``i`` on all three
+axes, whatever follows. So equal token ids mean equal keys and values, and a
+hash of the ids is a sound name. Text-only chat history and system prompts are
+cached whole; a prompt with media shares only the text that precedes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +30,14 @@ from mstar.models.qwen3_omni.processor import VisualPatches
 from mstar.models.qwen3_omni.tokenizer import TextTokenizer
 from mstar.request import RequestInputs
 
-__all__ = ["ChatPart", "mrope_positions", "normalise_messages", "prompt_positions", "render_prompt"]
+__all__ = [
+    "ChatPart",
+    "mrope_positions",
+    "normalise_messages",
+    "prompt_positions",
+    "render_prompt",
+    "text_prefix_len",
+]
 
 ROLES = ("system", "user", "assistant")
 MEDIA = ("image", "audio", "video")
@@ -181,7 +198,8 @@ def prompt_positions(
 ) -> tuple[torch.Tensor, float]:
     """:func:`mrope_positions` of ``ids`` under the Thinker's config; ``images``/``videos`` are its visual runs in order.
 
-    The Thinker's prompt and the Talker's (its user turns) are both positioned this way.
+    The Thinker's prompt and the Talker's (its user turns) are both positioned this way. Before the
+    first image or video run the positions are ``0..k-1`` on every axis (see :func:`text_prefix_len`).
     """
     return mrope_positions(
         ids,
@@ -193,3 +211,17 @@ def prompt_positions(
         merge=thinker_cfg["vision_config"]["spatial_merge_size"],
         position_id_per_seconds=thinker_cfg["position_id_per_seconds"],
     )
+
+
+def text_prefix_len(ids: Sequence[int], media_tokens: Collection[int]) -> int:
+    """The number of leading tokens of ``ids`` before the first media placeholder (all of them if none).
+
+    ``media_tokens`` are the placeholder ids (audio, image and video pads). That prefix is
+    what the Thinker's prefix cache may name and reuse: its tokens embed as themselves and sit
+    at sequential positions (see the module docstring), so their keys and values depend on
+    the ids alone. Start/end markers (``<|vision_start|>`` ...) are ordinary text tokens.
+    """
+    for i, tok in enumerate(ids):
+        if tok in media_tokens:
+            return i
+    return len(ids)

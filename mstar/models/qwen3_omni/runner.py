@@ -8,6 +8,20 @@ Thinker prefill of newly admitted requests (encoders included), one Thinker
 decode token for every decoding request, one Talker frame for every request
 whose Talker has the text it needs, and Code2Wav on every request with a full
 chunk of frames. Text-only requests never touch the Talker.
+
+KV memory is paged (mstar/layers/kv_cache.py) in blocks of ``kv_block_size``
+positions. The Thinker's pool holds ``kv_cache_tokens`` positions, and so does
+the Talker's (the same positions at the Talker's own width: both stages hold
+one slot of ``max_seq_len`` per speaking request, so their pools are sized
+alike); unset, each pool holds every slot at full length and never runs out.
+Admission is by blocks: a request starts only when the blocks its worst case
+can take in each cache (prompt plus ``max_output_tokens`` in the Thinker; user
+turns, the assistant part and ``talker_max_output_tokens`` frames in the
+Talker) fit beside what the admitted requests have reserved, so a forward
+never finds the pool full; a request that could not fit even in an empty pool
+is refused by ``prepare``. The Thinker matches prompts against its prefix cache
+(text before any media only, see thinker.py), so repeated system prompts and
+chat history skip their prefill.
 """
 
 from __future__ import annotations
@@ -55,6 +69,14 @@ def _split_utf8(buf: bytes) -> tuple[str, bytes]:
     return buf.decode("utf-8", errors="replace"), b""
 
 
+def _pool_blocks(size: Sizing) -> int | None:
+    """Blocks of a stage's pool: ``kv_cache_tokens`` positions plus the null block; None (the
+    cache's default: every slot at full length, never running out) when the setting is unset."""
+    if size.kv_cache_tokens is None:
+        return None
+    return -(-size.kv_cache_tokens // size.kv_block_size) + 1
+
+
 class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
     """Serves ``Qwen/Qwen3-Omni-30B-A3B-Instruct`` (or its tiny random variant)."""
 
@@ -98,6 +120,7 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
         self.tokenizer = load_tokenizer(ckpt)
         self.image_prep = ImagePrep.from_checkpoint(ckpt)
         slots, length = self.sizing.max_batch_size, self.sizing.max_seq_len
+        block, pool = self.sizing.kv_block_size, _pool_blocks(self.sizing)
         self.thinker = ThinkerStage(
             self.model.thinker,
             th,
@@ -106,7 +129,11 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
             device=self.device,
             dtype=self.dtype,
             activity=self.activity,
+            block_size=block,
+            num_blocks=pool,
         )
+        #: KV blocks the admitted requests may take at worst, per stage (reserved at admit, given back at release).
+        self.reserved = {"thinker": 0, "talker": 0}
         # A checkpoint without audio output (the "Thinking" variant) has no Talker stage.
         self.talker: TalkerStage | None = None
         if self.model.talker is not None and self.model.code2wav is not None:
@@ -120,6 +147,8 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
                 device=self.device,
                 dtype=self.dtype,
                 activity=self.activity,
+                block_size=block,
+                num_blocks=pool,
             )
             self._check_speakers(self.talker.speakers)
         self.stop_ids = {self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")}
@@ -183,25 +212,65 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
             raise InvalidRequestError(
                 f"the prompt is {len(ids)} tokens; this engine holds at most {limit - 1}", param="text"
             )
-        return Encoded(ids, pos, delta, by_kind["audio"], by_kind["image"], by_kind["video"])
+        enc = Encoded(ids, pos, delta, by_kind["audio"], by_kind["image"], by_kind["video"])
+        defaults = {name: spec.default for name, spec in self.params.items()}
+        th_need, tk_need = self._kv_blocks(enc, {**defaults, **params}, "audio" in output_modalities)
+        needs = [("Thinker", self.thinker.cache, th_need)]
+        if self.talker is not None:
+            needs.append(("Talker", self.talker.cache, tk_need))
+        for stage, cache, need in needs:
+            if need > cache.usable_blocks:
+                raise InvalidRequestError(
+                    f"this request may need {need} KV blocks of {cache.block_size} positions in the {stage}'s "
+                    f"cache; its pool holds {cache.usable_blocks} (kv_cache_tokens={self.sizing.kv_pool_tokens})",
+                    param="kv_cache_tokens",
+                )
+        return enc
+
+    def _max_tokens(self, enc: Encoded, params: Mapping[str, Any]) -> int:
+        """The Thinker tokens a request may write: ``max_output_tokens``, capped by the room after its prompt."""
+        room = self.sizing.max_seq_len - len(enc.ids)
+        return min(params["max_output_tokens"] or room, room)
+
+    def _kv_blocks(self, enc: Encoded, params: Mapping[str, Any], audio: bool) -> tuple[int, int]:
+        """Blocks a request may take at worst in the Thinker's and the Talker's caches (0: no Talker).
+
+        The Thinker writes the prompt and one position per token after the first (the last
+        sampled token is never fed); the Talker see :meth:`TalkerStage.worst_positions`.
+        """
+        bs = self.sizing.kv_block_size
+        thinker = len(enc.ids) + self._max_tokens(enc, params) - 1
+        talker = 0
+        if audio and self.talker is not None:
+            talker = self.talker.worst_positions(enc.ids, params["talker_max_output_tokens"], self.sizing.max_seq_len)
+        return -(-thinker // bs), -(-talker // bs)
 
     # ------------------------------------------------------------------ life cycle
     def admit(self, req: Request) -> bool:
+        """Start ``req`` when both stages have a slot and the blocks of its worst case beside what the
+        admitted requests reserved (see the module docstring); attach its cached prompt prefix."""
         talker = self.talker if req.wants("audio") else None
         if self.thinker.cache.slots_free == 0 or (talker is not None and talker.slots_free == 0):
             return False
         p = req.params
         enc = self.prepared(req)
+        th_need, tk_need = self._kv_blocks(enc, p, talker is not None)
+        if self.reserved["thinker"] + th_need > self.thinker.cache.usable_blocks:
+            return False
+        if talker is not None and self.reserved["talker"] + tk_need > talker.cache.usable_blocks:
+            return False
         slot = self.thinker.allocate()
         assert slot is not None
-        room = self.thinker.cache.max_len - len(enc.ids)
         st = OmniState(
             enc=enc,
             slot=slot,
             sampling=SamplingParams(temperature=p["thinker_temperature"], top_p=p["thinker_top_p"]),
-            max_tokens=min(p["max_output_tokens"] or room, room),
+            max_tokens=self._max_tokens(enc, p),
             emit_text=req.wants("text"),
+            kv_blocks=th_need,
         )
+        self.reserved["thinker"] += th_need
+        self.thinker.attach_prefix(st)
         if talker is not None:
             st.talker = TalkerState(
                 speaker_id=talker.speakers[str(p["voice"]).lower()],
@@ -218,7 +287,9 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
                 ),
                 max_tokens=p["talker_max_output_tokens"],
                 slot=talker.allocate(),
+                kv_blocks=tk_need,
             )
+            self.reserved["talker"] += tk_need
         req.state = st
         req.input_tokens = len(enc.ids)
         return True
@@ -228,24 +299,26 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
         if not isinstance(st, OmniState):  # never admitted, or already released
             return
         self.thinker.free(st.slot)
+        self.reserved["thinker"] -= st.kv_blocks
+        st.kv_blocks = 0
         if st.talker is not None and st.talker.slot is not None and self.talker is not None:
             self.talker.free(st.talker.slot)
             st.talker.slot = None
+            self.reserved["talker"] -= st.talker.kv_blocks
+            st.talker.kv_blocks = 0
         req.state = None
 
     def stats(self) -> RunnerStats:
-        """KV slots of the Thinker's and the Talker's caches together; bytes include the code predictor's scratch."""
+        """KV slots, blocks and prefix hits of the Thinker's and the Talker's caches together; bytes
+        include the code predictor's scratch (which no request holds)."""
         caches = [self.thinker.cache]
         scratch = 0
         if self.talker is not None:
             caches.append(self.talker.cache)
             scratch = self.talker.cp_cache.nbytes
-        return RunnerStats(
-            kv_slots_used=sum(c.slots_used for c in caches),
-            kv_slots_total=sum(c.num_slots for c in caches),
-            kv_bytes=sum(c.nbytes for c in caches) + scratch,
-            activity=self.activity,
-        )
+        stats = RunnerStats.of_caches(*caches, activity=self.activity)
+        stats.kv_bytes += scratch
+        return stats
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()

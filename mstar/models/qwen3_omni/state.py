@@ -37,6 +37,7 @@ class TalkerState:
     cp_sampling: SamplingParams
     max_tokens: int
     slot: int | None = None  # None once released
+    kv_blocks: int = 0  # Talker KV blocks reserved for this request's worst case (given back at release)
     user_embeds: torch.Tensor | None = None  # [U, H_talker] user turns, projected
     positions: torch.Tensor | None = None  # [3, prefill_len]
     delta: float = 0.0
@@ -57,6 +58,8 @@ class OmniState:
     sampling: SamplingParams
     max_tokens: int
     emit_text: bool
+    kv_blocks: int = 0  # Thinker KV blocks reserved for this request's worst case (given back at release)
+    cached: int = 0  # leading prompt tokens found in the prefix cache: prefill starts after them
     prefilled: bool = False
     generated: list[int] = field(default_factory=list)  # Thinker tokens, the stop token included
     pending_bytes: bytes = b""  # an unfinished UTF-8 sequence, emitted with the next token

@@ -72,7 +72,11 @@ def _ready(st: OmniState) -> bool:
 
 
 class TalkerStage:
-    """Owns the Talker (``model.talker``, code predictor included), its KV caches and Code2Wav streaming."""
+    """Owns the Talker (``model.talker``, code predictor included), its KV caches and Code2Wav streaming.
+
+    ``num_blocks`` sizes the Talker's paged pool (None: every slot at ``max_len``); the code
+    predictor's scratch cache always has room for every row.
+    """
 
     #: Code2Wav decodes this many new frames per call (12.5 frames/s), with this many frames of left context.
     code2wav_chunk = 25
@@ -90,6 +94,8 @@ class TalkerStage:
         device: torch.device,
         dtype: torch.dtype,
         activity: Activity,
+        block_size: int = 16,
+        num_blocks: int | None = None,
     ) -> None:
         self.net = net
         self.code2wav = code2wav
@@ -114,6 +120,8 @@ class TalkerStage:
             head_dim=head_dim(tt),
             device=device,
             dtype=dtype,
+            block_size=block_size,
+            num_blocks=num_blocks,
         )
         # Scratch for one frame's code predictor pass: row i of a step uses slot i, rewritten every frame,
         # so no request holds a slot here.
@@ -125,6 +133,7 @@ class TalkerStage:
             head_dim=head_dim(cp),
             device=device,
             dtype=dtype,
+            block_size=block_size,  # its pool stays the default (every row at full length): it never runs out
         )
         self._tts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -153,14 +162,8 @@ class TalkerStage:
             self._tts = (emb[0], emb[1], emb[2])
         return self._tts
 
-    def start(self, st: OmniState, accept_hidden: torch.Tensor) -> None:
-        """Project the user turns of the prompt to the Talker's width and compute the Talker's positions.
-
-        ``accept_hidden`` [L, H] is the Thinker's prefill output at ``accept_layer``.
-        """
-        tk = st.talker
-        assert tk is not None
-        ids = st.enc.ids
+    def user_positions(self, ids: list[int]) -> list[int]:
+        """Prompt positions inside user turns (from their ``<|im_start|>`` on): the Talker's prompt."""
         im_start, user = self.cfg["im_start_token_id"], self.cfg["user_token_id"]
         role = None
         keep: list[int] = []
@@ -169,6 +172,24 @@ class TalkerStage:
                 role = ids[i + 1] if i + 1 < len(ids) else None
             if role == user:
                 keep.append(i)
+        return keep
+
+    def worst_positions(self, ids: list[int], max_tokens: int, max_len: int) -> int:
+        """KV positions a request may fill in the Talker's cache: its prompt (user turns and the
+        assistant part), then one per codec frame after the first, ``max_tokens`` frames at most."""
+        return min(max_len, len(self.user_positions(ids)) + ASSISTANT_LEN + max_tokens - 1)
+
+    def start(self, st: OmniState, accept_hidden: torch.Tensor) -> None:
+        """Project the user turns of the prompt to the Talker's width and compute the Talker's positions.
+
+        ``accept_hidden`` [L - st.cached, H] is the Thinker's prefill output at ``accept_layer`` for
+        the prompt positions it prefilled. Only media positions read it, and those always lie after
+        the Thinker's cached prefix (see thinker.py).
+        """
+        tk = st.talker
+        assert tk is not None
+        ids = st.enc.ids
+        keep = self.user_positions(ids)
         idx = torch.tensor(keep, device=self.device, dtype=torch.long)
         tok_t = torch.tensor(ids, device=self.device)[idx]
         mm = torch.zeros_like(tok_t, dtype=torch.bool)
@@ -176,8 +197,11 @@ class TalkerStage:
             mm |= tok_t == m
         part = self.net.text_projection(self.text_embed(tok_t))
         if bool(mm.any()):
+            at = idx[mm] - st.cached
+            if bool((at < 0).any()):
+                raise RuntimeError("a media position of the prompt lies inside the Thinker's cached prefix")
             part = part.clone()
-            part[mm] = self.net.hidden_projection(accept_hidden[idx][mm])
+            part[mm] = self.net.hidden_projection(accept_hidden[at])
         tk.user_embeds = part
         # Visual runs inside the user turns keep their grids (in order) for the Talker's 3-D positions.
         runs = _visual_runs(ids, self.th_cfg["image_token_id"], self.th_cfg["video_token_id"])

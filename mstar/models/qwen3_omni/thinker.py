@@ -1,9 +1,19 @@
-"""The Thinker stage: audio and vision encoders plus the MoE text model, on the Thinker's slot KV cache.
+"""The Thinker stage: audio and vision encoders plus the MoE text model, on the Thinker's paged KV cache.
 
 It computes and samples; what a token means (text to emit, a stop, the
 Talker's next input) is the runner's business. Every call is batched over the
 requests given: one padded prefill forward for all new prompts (each encoder
 run once over all their media), one decode forward for all decoding requests.
+
+Prefix caching: on admission a prompt is matched against the cache's named
+blocks (:meth:`ThinkerStage.attach_prefix`) and prefill then runs only the
+tokens after the match; after prefill the prompt's full blocks are named for
+later requests. Only the text before the first media placeholder is ever
+matched or named (:func:`~mstar.models.qwen3_omni.prompt.text_prefix_len`
+explains why that is sound), and never the last prompt token, whose logits
+give the first output token. The Talker reads the Thinker's hidden states only
+at media positions of the user turns, which always lie after the cached part,
+so requests with speech output use the prefix cache too.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from mstar.layers.sampling import SamplingParams, sample_tokens
 from mstar.models.qwen3_omni.config import head_dim
 from mstar.models.qwen3_omni.decoder import StackOutput
 from mstar.models.qwen3_omni.model import Thinker
+from mstar.models.qwen3_omni.prompt import text_prefix_len
 from mstar.models.qwen3_omni.state import OmniState, Pair
 from mstar.request import Request
 from mstar.stats import Activity
@@ -32,7 +43,8 @@ class PrefillResult:
     """One prompt's outcome: its first token, and (when asked) the hidden state the Talker reads."""
 
     token: int
-    accept_hidden: torch.Tensor | None  # [L, H] output of layer ``capture``, prompt positions only
+    # [L - cached, H] output of layer ``capture`` at the prompt positions prefilled (from ``OmniState.cached`` on)
+    accept_hidden: torch.Tensor | None
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams], reqs: list[Request]) -> list[int]:
@@ -40,7 +52,10 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], reqs: list[Reque
 
 
 class ThinkerStage:
-    """Owns the Thinker module (``model.thinker``) and its KV cache: one slot per running request."""
+    """Owns the Thinker module (``model.thinker``) and its KV cache: one slot per running request.
+
+    ``num_blocks`` sizes the paged pool (None: every slot at ``max_len``, which never runs out).
+    """
 
     def __init__(
         self,
@@ -52,6 +67,8 @@ class ThinkerStage:
         device: torch.device,
         dtype: torch.dtype,
         activity: Activity,
+        block_size: int = 16,
+        num_blocks: int | None = None,
     ) -> None:
         self.net = net
         self.cfg = cfg  # thinker_config
@@ -66,7 +83,11 @@ class ThinkerStage:
             head_dim=head_dim(text),
             device=device,
             dtype=dtype,
+            block_size=block_size,
+            num_blocks=num_blocks,
         )
+        #: Placeholder ids whose embeddings come from an encoder: the prefix cache stops before them.
+        self.media_ids = frozenset((cfg["audio_token_id"], cfg["image_token_id"], cfg["video_token_id"]))
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -82,6 +103,22 @@ class ThinkerStage:
 
     def room(self, slot: int) -> int:
         return self.cache.room(slot)
+
+    # ------------------------------------------------------------------ prefix cache
+    def cacheable(self, ids: list[int]) -> int:
+        """Leading tokens of the prompt ``ids`` the prefix cache may hold: those before any media."""
+        return text_prefix_len(ids, self.media_ids)
+
+    def attach_prefix(self, st: OmniState) -> None:
+        """Start the empty slot of ``st`` with the cached blocks of its prompt's text prefix
+        (never the last prompt token: its logits give the first output token); sets ``st.cached``."""
+        ids = st.enc.ids
+        st.cached = self.cache.match_prefix(st.slot, ids[: min(self.cacheable(ids), len(ids) - 1)])
+
+    def register_prefix(self, st: OmniState) -> None:
+        """Name the full blocks of the prompt's text prefix (written by prefill) for later requests."""
+        ids = st.enc.ids
+        self.cache.register_prefix(st.slot, ids[: self.cacheable(ids)])
 
     # ------------------------------------------------------------------ prefill
     def encode_media(self, states: list[OmniState]) -> list[dict[str, Any]]:
@@ -154,11 +191,18 @@ class ThinkerStage:
     def forward_prompts(self, states: list[OmniState], *, capture: int | None = None) -> tuple[StackOutput, list[int]]:
         """Encode media and run every prompt through the Thinker in one padded forward (writes their KV slots).
 
-        Returns the stack output and the prompt lengths.
+        Each prompt starts after its cached prefix (``st.cached`` tokens, already in its slot).
+        Returns the stack output and the lengths prefilled (prompt length less the cached prefix).
         """
         media = self.encode_media(states)
-        embeds = [self._embed_one(s, m) for s, m in zip(states, media, strict=True)]
-        lens = [len(s.enc.ids) for s in states]
+        embeds = []
+        for s, m in zip(states, media, strict=True):
+            emb, vmask, levels = self._embed_one(s, m)
+            c = s.cached  # media lie after the cached prefix, so the slices below drop text only
+            embeds.append(
+                (emb[c:], None if vmask is None else vmask[c:], None if levels is None else [lv[c:] for lv in levels])
+            )
+        lens = [len(s.enc.ids) - s.cached for s in states]
         t = max(lens)
         b = len(states)
         hidden = embeds[0][0].shape[-1]
@@ -171,7 +215,7 @@ class ThinkerStage:
         for i, (emb, vmask, levels) in enumerate(embeds):
             n = lens[i]
             x[i, :n] = emb
-            pos[:, i, :n] = states[i].enc.positions.to(dev)
+            pos[:, i, :n] = states[i].enc.positions[:, states[i].cached :].to(dev)
             pos[:, i, n:] = states[i].enc.positions[:, -1:].to(dev)
             if vmask is not None and levels is not None and ds_mask is not None:
                 ds_mask[i, :n] = vmask
@@ -191,8 +235,9 @@ class ThinkerStage:
         """Run every new prompt in one padded forward and sample each request's first token.
 
         ``capture`` names the layer whose output the Talker needs (``accept_hidden_layer``).
-        Request state is left alone, and on failure the slots are emptied again, so the
-        caller may retry the prompts one by one to find the one at fault.
+        Request state is left alone, and on failure the slots go back to their cached prefix, so
+        the caller may retry the prompts one by one to find the one at fault. On success the
+        prompts' text prefixes are named in the prefix cache.
         """
         states = [s for _, s in pairs]
         try:
@@ -204,8 +249,10 @@ class ThinkerStage:
             tokens = _sample(logits, [s.sampling for s in states], [r for r, _ in pairs])
         except Exception:
             for s in states:
-                self.cache.lengths[s.slot] = 0
+                self.cache.lengths[s.slot] = s.cached
             raise
+        for s in states:
+            self.register_prefix(s)
         captured = out.captured
         return [
             PrefillResult(tok, captured[i, : lens[i]] if captured is not None else None) for i, tok in enumerate(tokens)
