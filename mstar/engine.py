@@ -274,13 +274,7 @@ class Engine(GenerateSugar[EventStream]):
                 raise InvalidRequestError(
                     f"input_modalities names {', '.join(missing)} but no such input was given", param="input_modalities"
                 )
-        unsupported = [m for m in present if m not in self.info.input_modalities]
-        if unsupported:
-            raise UnsupportedModalityError(
-                f"model {self.info.name!r} does not accept {', '.join(unsupported)} input; it accepts: "
-                f"{', '.join(self.info.input_modalities)}",
-                param="input_modalities",
-            )
+        self.info.check_inputs(present)
         kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
         unknown = set(kwargs) - set(self.accepted_kwargs())
         if unknown:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mstar.errors import MediaError
+from mstar.sniff import sniff_extension
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MediaArg",
     "MediaItem",
+    "accepted_format",
     "decode_audio",
     "decode_image",
     "decode_video",
@@ -45,6 +47,32 @@ MAX_VIDEO_FRAMES = 4096
 MAX_VIDEO_BYTES = 768 * 1024 * 1024
 
 MediaArg = str | os.PathLike[str] | bytes | tuple[str, bytes]
+
+# What each modality is decoded with, keyed by the extension mstar.sniff finds in the bytes (never the
+# file name, never FFmpeg's or Pillow's own probing: both would pick any decoder they have). FFmpeg
+# demuxers are only those that read nothing but the bytes they are given: concat, hls, image2, subfile,
+# tee and the other playlist or multi-file demuxers open files or URLs named inside the data, so a
+# "clip.mp3" holding "ffconcat ... file 'secret.wav'" would read the server's files. Pillow is limited
+# to the five formats we document: its other plugins (TIFF, PCX, ICO, EPS via Ghostscript...) stay out.
+AUDIO_DEMUXERS: dict[str, str] = {
+    ".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "ogg", ".aac": "aac",
+    ".m4a": "mov", ".mp4": "mov", ".mov": "mov", ".webm": "matroska", ".mkv": "matroska",
+}
+VIDEO_DEMUXERS: dict[str, str] = {
+    ".mp4": "mov", ".mov": "mov", ".webm": "matroska", ".mkv": "matroska", ".avi": "avi",
+}
+IMAGE_FORMATS: dict[str, str] = {".png": "PNG", ".jpg": "JPEG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}
+_ACCEPTED: dict[str, tuple[dict[str, str], str]] = {
+    "image": (IMAGE_FORMATS, "PNG, JPEG, WebP, GIF or BMP image"),
+    "audio": (AUDIO_DEMUXERS, "WAV, FLAC, MP3, Ogg (Vorbis/Opus), AAC (ADTS), M4A/MP4/MOV or WebM/Matroska audio file"),
+    "video": (VIDEO_DEMUXERS, "MP4/MOV, WebM/Matroska or AVI video file"),
+}
+# Demuxer options, belt and braces: no protocol may be opened besides the in-memory buffer (a demuxer
+# that tried to open a second input gets nothing), and MP4/MOV data references to other files stay off.
+_NO_PROTOCOLS = {"protocol_whitelist": "none"}
+_DEMUXER_OPTIONS: dict[str, dict[str, str]] = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
+# Sniffed formats libsndfile decodes first (it reads the buffer only and opens nothing else).
+_SOUNDFILE_FORMATS = (".wav", ".flac", ".ogg")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,13 +121,46 @@ def normalize_media(arg: MediaArg | list[MediaArg] | None, modality: str) -> lis
 # --------------------------------------------------------------------------- decoding
 
 
+def accepted_format(data: bytes, modality: str, name: str) -> str:
+    """The extension ``data`` sniffs as, if it is a format accepted for ``modality``; else a MediaError.
+
+    ``name`` is what the client called the media (its file name or field): the error names it and the
+    accepted formats, and says nothing of what the bytes look like to FFmpeg or Pillow.
+    """
+    table, accepted = _ACCEPTED[modality]
+    ext = sniff_extension(data, modality)
+    if ext is None or ext not in table:
+        raise MediaError(f"{modality} {name!r} could not be decoded: it is not a {accepted}", param=modality)
+    return ext
+
+
+def _open_av(item: MediaItem, demuxers: dict[str, str]) -> Any:
+    """A PyAV input container on the item's bytes, with the demuxer its sniffed format names."""
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av is a core dependency
+        raise MediaError(f"{item.modality} decoding needs PyAV (pip install av)") from exc
+
+    fmt = demuxers[accepted_format(item.data, item.modality, item.name)]
+    options = {**_NO_PROTOCOLS, **_DEMUXER_OPTIONS.get(fmt, {})}
+    return av.open(io.BytesIO(item.data), mode="r", format=fmt, container_options=options)
+
+
+def _av_reason(exc: Exception) -> str:
+    # FFmpeg errors carry the "file name" ('<none>' for a buffer) and errno text; keep only the reason.
+    reason = getattr(exc, "strerror", None)
+    return str(reason) if reason else type(exc).__name__
+
+
 def decode_image(item: MediaItem, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode to an RGB uint8 array of shape [H, W, 3]."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    fmt = IMAGE_FORMATS[accepted_format(item.data, "image", item.name)]
     try:
-        with Image.open(io.BytesIO(item.data)) as img:
+        # Only the plugin the sniffer named may open it: Pillow would otherwise try each of its plugins.
+        with Image.open(io.BytesIO(item.data), formats=[fmt]) as img:
             w, h = img.size
             if w <= 0 or h <= 0 or w * h > max_pixels:
                 raise MediaError(f"image {item.name!r} is {w}x{h}; at most {max_pixels} pixels are accepted", param="image")
@@ -110,7 +171,7 @@ def decode_image(item: MediaItem, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.n
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image {item.name!r} is too large: at most {max_pixels} pixels are accepted", param="image") from exc
     except UnidentifiedImageError as exc:
-        raise MediaError(f"image {item.name!r} could not be decoded: not a PNG, JPEG, WebP, GIF or BMP image", param="image") from exc
+        raise MediaError(f"image {item.name!r} could not be decoded: it is not a valid {fmt} image", param="image") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"image {item.name!r} could not be decoded: {exc}", param="image") from exc
 
@@ -136,20 +197,22 @@ def decode_audio(item: MediaItem, *, sample_rate: int | None = None) -> tuple[np
     """Decode to mono float32 in [-1, 1]; resample to ``sample_rate`` when given."""
     import numpy as np
 
+    ext = accepted_format(item.data, "audio", item.name)  # refuses playlists, text and unknown bytes first
     audio: np.ndarray | None = None
     sr = 0
-    try:
-        import soundfile as sf
+    if ext in _SOUNDFILE_FORMATS:
+        try:
+            import soundfile as sf
 
-        data, sr = sf.read(io.BytesIO(item.data), dtype="float32", always_2d=True)
-        audio = data.mean(axis=1)
-    except Exception:
-        audio = None
+            data, sr = sf.read(io.BytesIO(item.data), dtype="float32", always_2d=True)
+            audio = data.mean(axis=1)
+        except Exception:
+            audio = None  # e.g. a WAV codec libsndfile lacks: FFmpeg may still read it
     if audio is None:
         try:
             import av
 
-            container: Any = av.open(io.BytesIO(item.data), mode="r")
+            container: Any = _open_av(item, AUDIO_DEMUXERS)
             with container:
                 stream: Any = next(iter(container.streams.audio), None)
                 if stream is None:
@@ -164,7 +227,7 @@ def decode_audio(item: MediaItem, *, sample_rate: int | None = None) -> tuple[np
         except MediaError:
             raise
         except Exception as exc:
-            raise MediaError(f"audio {item.name!r} could not be decoded: {exc}", param="audio") from exc
+            raise MediaError(f"audio {item.name!r} could not be decoded: {_av_reason(exc)}", param="audio") from exc
     if audio.size == 0:
         raise MediaError(f"audio {item.name!r} holds no samples", param="audio")
     if sample_rate is not None:
@@ -178,11 +241,7 @@ def decode_video(item: MediaItem, *, max_frames: int = MAX_VIDEO_FRAMES) -> tupl
     import numpy as np
 
     try:
-        import av
-    except ImportError as exc:  # pragma: no cover - av is a core dependency
-        raise MediaError("video decoding needs PyAV (pip install av)") from exc
-    try:
-        container: Any = av.open(io.BytesIO(item.data), mode="r")
+        container: Any = _open_av(item, VIDEO_DEMUXERS)
         with container:
             stream: Any = next(iter(container.streams.video), None)
             if stream is None:
@@ -206,7 +265,7 @@ def decode_video(item: MediaItem, *, max_frames: int = MAX_VIDEO_FRAMES) -> tupl
     except MediaError:
         raise
     except Exception as exc:
-        raise MediaError(f"video {item.name!r} could not be decoded: {exc}", param="video") from exc
+        raise MediaError(f"video {item.name!r} could not be decoded: {_av_reason(exc)}", param="video") from exc
     if not frames:
         raise MediaError(f"video {item.name!r} holds no frames", param="video")
     return np.stack(frames), fps

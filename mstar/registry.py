@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mstar.errors import UnknownModelError
+from mstar.errors import UnknownModelError, UnsupportedModalityError
 
 if TYPE_CHECKING:
     from mstar.models.base import ModelRunner
@@ -32,6 +32,16 @@ class ModelInfo:
     #: Speaker names the model knows (the one list adapters, runners and /v1/audio/voices read).
     voices: tuple[str, ...] = ()
     default_voice: str | None = None
+
+    def check_inputs(self, modalities: tuple[str, ...] | list[str]) -> None:
+        """Refuse input modalities this model does not take (the one wording, Engine and server)."""
+        unsupported = [m for m in modalities if m not in self.input_modalities]
+        if unsupported:
+            raise UnsupportedModalityError(
+                f"model {self.name!r} does not accept {', '.join(unsupported)} input; it accepts: "
+                f"{', '.join(self.input_modalities)}",
+                param="input_modalities",
+            )
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from mstar.errors import MediaError, PayloadTooLargeError
-from mstar.media import EXTENSIONS, modality_for_filename
+from mstar.media import EXTENSIONS, accepted_format, modality_for_filename
 from mstar.sniff import sniff_extension
 
 __all__ = [
@@ -112,8 +112,11 @@ class UploadScope:
         self.paths: list[Path] = []
 
     # ---- saving
-    def save(self, data: bytes, ext: str, expected: str | None = None) -> tuple[str, Path]:
-        """Save one blob; returns ``(modality, path)``. ``expected`` is the modality it must be."""
+    def save(self, data: bytes, ext: str, expected: str | None = None, name: str | None = None) -> tuple[str, Path]:
+        """Save one blob; returns ``(modality, path)``. ``expected`` is the modality it must be.
+
+        ``name`` is what the client called it (file name, URL, field), for error messages.
+        """
         if len(data) > self.policy.max_bytes:
             raise PayloadTooLargeError(f"upload of {len(data)} bytes exceeds the {_mib(self.policy.max_bytes)} limit")
         if not data:
@@ -125,6 +128,9 @@ class UploadScope:
             raise MediaError(f"unsupported file extension {ext or '(none)'!r}; supported: {supported}")
         if expected is not None and modality != expected:
             raise MediaError(f"expected {expected} media but got a {modality} file ({ext})", param=expected)
+        # Refuse at the door what the decoders would refuse: bytes that are not an accepted format of
+        # this modality (a playlist or text named .mp3, a TIFF named .png) never reach the engine.
+        accepted_format(data, modality, name or f"uploaded {modality}")
         path = self.upload_dir / f"{uuid.uuid4().hex}{ext}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.paths.append(path)
@@ -134,15 +140,18 @@ class UploadScope:
 
     def save_upload(self, filename: str, data: bytes) -> tuple[str, Path]:
         """A multipart file: the modality comes from its extension."""
-        return self.save(data, os.path.splitext(filename or "")[1])
+        return self.save(data, os.path.splitext(filename or "")[1], name=filename)
 
     def save_base64(self, b64: str, fmt: str | None, expected: str | None = None) -> tuple[str, Path]:
         """A bare base64 blob; ``fmt`` (e.g. ``"wav"``) names its format, else it is sniffed."""
         data = _b64decode(b64, f"{expected or 'media'} data", self.policy.max_bytes)
+        name = f"base64 {expected or 'media'} data"
         ext = ("." + fmt.lower().lstrip(".")) if fmt else sniff_extension(data, expected)
         if ext is None:
+            if expected is not None:
+                accepted_format(data, expected, name)  # raises, naming the formats accepted for it
             raise MediaError("cannot tell the format of base64 media; use a data URL with a MIME type")
-        return self.save(data, ext, expected)
+        return self.save(data, ext, expected, name=name)
 
     def save_data_url(self, url: str, expected: str | None = None) -> tuple[str, Path]:
         m = _DATA_URL.match(url)
@@ -150,10 +159,13 @@ class UploadScope:
             raise MediaError("data URLs must look like data:<mime>;base64,<payload>")
         data = _b64decode(m.group("data"), "data URL payload", self.policy.max_bytes)
         mime = m.group("mime")
+        name = f"{expected or 'media'} data URL"
         ext = extension_for_mime(mime) if mime else sniff_extension(data, expected)
         if ext is None:
+            if expected is not None:
+                accepted_format(data, expected, name)  # raises, naming the formats accepted for it
             raise MediaError("data URL has no MIME type and its content is not recognised")
-        return self.save(data, ext, expected)
+        return self.save(data, ext, expected, name=name)
 
     def resolve_ref(self, ref: Any, expected: str | None = None) -> tuple[str, Path]:
         """A media reference from a JSON body: data URL, http(s) URL (if allowed) or bare base64.
@@ -176,7 +188,7 @@ class UploadScope:
                 )
             data, ext = fetch_remote(ref, max_bytes=self.policy.max_bytes, timeout=self.policy.remote_timeout,
                                      max_redirects=self.policy.max_redirects)
-            return self.save(data, ext, expected)
+            return self.save(data, ext, expected, name=ref[:200])
         if scheme:
             raise MediaError(f"unsupported media URL scheme {scheme!r}; use a data URL or base64")
         if ref.startswith(("/", "./", "../", "~")) or "\\" in ref[:3]:

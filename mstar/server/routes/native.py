@@ -9,6 +9,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 
 from mstar.errors import InvalidParameterError, InvalidRequestError
+from mstar.media import modality_for_filename
 from mstar.protocol import parse_modalities
 from mstar.server.adapters import SubmitArgs
 from mstar.server.call import RouteCall, open_call
@@ -121,6 +122,10 @@ async def generate(request: Request[Any, Any, Any]) -> Any:
             text=fields.get("text"),
             messages=_messages(fields.get("messages")),
             model_kwargs=_model_kwargs(fields.get("model_kwargs")),
+        )
+        # A model that takes no such input says so before the file's bytes are looked at.
+        call.state.holder.engine.info.check_inputs(
+            [m for m in (modality_for_filename(u.filename or "") for u in files) if m is not None]
         )
         for upload in files:
             modality, path = call.uploads.save_upload(upload.filename, upload.data)

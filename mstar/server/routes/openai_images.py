@@ -57,7 +57,7 @@ async def edits(request: Request[Any, Any, Any]) -> Any:
                 raise InvalidParameterError("'mask' is not supported; describe the edit in the prompt", param="mask")
             if upload.field not in ("image", "image[]"):
                 raise InvalidParameterError(f"unexpected file field {upload.field!r}; images go in 'image'", param=upload.field)
-            _, path = call.uploads.save(upload.data, Path(upload.filename).suffix, expected="image")
+            _, path = call.uploads.save(upload.data, Path(upload.filename).suffix, expected="image", name=upload.filename)
             images.append(path)
         req = parse_edit_form(form.fields, images)
         args = await call.translate(call.adapter(req.model).edit_to_request, req)
