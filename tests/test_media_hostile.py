@@ -153,18 +153,8 @@ def _encode_audio(fmt: str, codec: str, rate: int = 16000, seconds: float = 0.3)
     return buf.getvalue()
 
 
-def _encode_video(fmt: str, codec: str, frames: int = 4, size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as container:
-        stream: Any = container.add_stream(codec, rate=8)
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 30 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+def _encode_video(fmt: str, codec: str) -> bytes:
+    return make_mp4(fmt=fmt, codec=codec)
 
 
 # (file name, recipe, the demuxer mstar must pick)

@@ -120,10 +120,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    @property
-    def bytes_per_block(self) -> int:
-        return self.nbytes // self.num_blocks
-
     # ---- slot life cycle
     def allocate(self) -> int | None:
         """Take a free slot (empty, holding no block), or None when all are in use."""

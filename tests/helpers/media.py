@@ -38,14 +38,14 @@ def make_wav(seconds: float = 0.25, sr: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def make_mp4(frames: int = 4, w: int = 32, h: int = 32) -> bytes:
-    """A tiny MPEG-4 clip (PyAV)."""
+def make_mp4(frames: int = 4, w: int = 32, h: int = 32, *, fmt: str = "mp4", codec: str = "mpeg4") -> bytes:
+    """A tiny clip (PyAV): MPEG-4 in MP4 by default, or ``codec`` in container ``fmt``."""
     import av
     import numpy as np
 
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream: Any = container.add_stream("mpeg4", rate=8)
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream: Any = container.add_stream(codec, rate=8)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 30 * i, np.uint8), format="rgb24")
