@@ -22,10 +22,12 @@ def main() -> int:
             continue
         if not (module.__doc__ or "").strip():
             problems.append(f"{mod.name}: no module docstring")
-    for doc in (ROOT / "docs").glob("*.md"):
+    # Every page of the site, the quickstart and API pages included; not the built site.
+    pages = [p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.relative_to(ROOT / "docs").parts]
+    for doc in sorted(pages):
         for target in re.findall(r"\]\(([^)#:]+)\)", doc.read_text()):
             if not (doc.parent / target).exists():
-                problems.append(f"{doc.name}: broken link {target}")
+                problems.append(f"{doc.relative_to(ROOT / 'docs')}: broken link {target}")
     for p in problems:
         print(p)
     print(f"docs check: {len(problems)} problem(s)")

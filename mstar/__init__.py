@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mstar import errors
+from mstar.describe import ModelDescription, ParamSpec, describe_model
 from mstar.registry import ModelInfo, list_models
 from mstar.types import (
     AudioBuffer,
@@ -40,11 +41,14 @@ __all__ = [
     "GenerateResult",
     "ImageChunk",
     "MStarClient",
+    "ModelDescription",
     "ModelInfo",
+    "ParamSpec",
     "Progress",
     "TensorChunk",
     "TextChunk",
     "Usage",
+    "describe_model",
     "errors",
     "list_models",
 ]

@@ -41,6 +41,7 @@ class GenerateSugar(Generic[StreamT]):
     """``stream``, ``chat``, ``tts``, ``generate_image`` and ``edit_image`` over ``generate``."""
 
     def generate(self, **kwargs: Any) -> GenerateResult | StreamT:
+        """Run one request (``Engine.generate`` / ``MStarClient.generate``); the sugar calls this."""
         raise NotImplementedError
 
     def _result(self, **kwargs: Any) -> GenerateResult:

@@ -2,35 +2,64 @@
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import hashlib
 import logging
 import queue
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from mstar._sugar import ClosingStream, GenerateSugar
+from mstar.describe import EngineState, ModelDescription, build_description
 from mstar.errors import (
+    ConflictError,
     EmptyInputError,
     InvalidParameterError,
     InvalidRequestError,
     UnknownParameterError,
     UnsupportedModalityError,
 )
-from mstar.media import MediaArg, normalize_media
+from mstar.media import MediaArg, normalize_media, with_limits
+from mstar.media_limits import DEFAULT_LIMITS, MediaLimits
+from mstar.messages import inline_media, place_media
 from mstar.models.base import ModelRunner
 from mstar.protocol import check_request_id, parse_modalities
 from mstar.registry import ModelInfo, get_model_info, load_runner_class
 from mstar.request import Request, RequestInputs
 from mstar.scheduler import Scheduler
 from mstar.settings import RunnerSettings
+from mstar.speech.chunked import ChunkedSpeech, chunk_request_id, chunk_seed
+from mstar.speech.chunking import DEFAULT_CHUNK_CHARS, MIN_CHUNK_CHARS, chunk_text
 from mstar.types import Event, Finished, GenerateResult
 
 __all__ = ["Engine", "EventStream"]
 
 log = logging.getLogger("mstar.engine")
+
+#: Every Engine not yet closed; :func:`_close_live_engines` closes them at interpreter exit.
+_LIVE: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    """Close engines left open before the interpreter tears down.
+
+    A scheduler thread still inside a torch op while the interpreter finalises makes
+    the C++ runtime abort the process (``terminate called without an active
+    exception``); closing first lets the loop finish its step and stop.
+    """
+    for engine in list(_LIVE):
+        try:
+            engine.close()
+        except Exception:  # exiting anyway: one engine's failure must not keep the others open
+            log.exception("closing %r at exit failed", engine)
+
 
 def derive_seed(request_id: str) -> int:
     """The seed of a request that names none: stable for a given request id."""
@@ -40,14 +69,18 @@ def derive_seed(request_id: str) -> int:
 class EventStream(ClosingStream):
     """Iterator over one request's events. Closing it early cancels the request."""
 
-    def __init__(self, engine: Engine, req: Request) -> None:
+    def __init__(self, engine: Engine, req: Request | ChunkedSpeech) -> None:
         self._engine = engine
         self._req = req
         self._finished = False
 
     @property
     def request_id(self) -> str:
+        """The id of the request these events belong to (for :meth:`Engine.cancel`)."""
         return self._req.request_id
+
+    def __repr__(self) -> str:
+        return f"EventStream(request_id={self._req.request_id!r}, {'finished' if self._finished else 'open'})"
 
     def __iter__(self) -> EventStream:
         return self
@@ -112,7 +145,14 @@ class Engine(GenerateSugar[EventStream]):
     (in blocks of ``kv_block_size`` positions), and ``batch_invariant`` (CPU,
     default on) trades batched CPU speed for seeded results that do not depend
     on the batch. ``max_queue`` requests may wait beyond those; ``request_timeout``
-    is the default per-request deadline in seconds.
+    is the default per-request deadline in seconds. ``media_limits``
+    (:class:`~mstar.media_limits.MediaLimits`) caps what each media input may
+    decode to (pixels, seconds, frames, bytes); over a cap is a 413
+    :class:`~mstar.errors.MediaTooLargeError`.
+
+    A text-to-speech model (Orpheus) speaks a text longer than ``speech_chunk_chars``
+    as sentence-aligned chunks run side by side and heard in order as one request
+    (:mod:`mstar.speech.chunked`); ``None`` or 0 speaks every text as one prompt.
     """
 
     def __init__(
@@ -131,6 +171,8 @@ class Engine(GenerateSugar[EventStream]):
         batch_invariant: bool | None = None,
         max_queue: int = 1024,
         request_timeout: float | None = 600.0,
+        speech_chunk_chars: int | None = DEFAULT_CHUNK_CHARS,
+        media_limits: MediaLimits | None = None,
     ) -> None:
         self.info: ModelInfo = get_model_info(model)
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,21 +189,57 @@ class Engine(GenerateSugar[EventStream]):
             batch_invariant=batch_invariant,
         )
         self.request_timeout = request_timeout
+        self.media_limits = media_limits or DEFAULT_LIMITS
+        self.speech_chunk_chars = _parse_chunk_chars(speech_chunk_chars)
+        self._speech: dict[str, ChunkedSpeech] = {}  # long texts in flight, by parent request id
+        self._speech_lock = threading.Lock()
+        #: Where the weights come from: the ``weights`` argument, else the family's published checkpoint.
+        self.weights: str = weights if weights is not None else self.info.hub_id
         runner_cls = load_runner_class(model)
-        self.runner: ModelRunner[Any, Any] = runner_cls(
-            weights=weights if weights is not None else self.info.hub_id, settings=self.settings
-        )
+        self.runner: ModelRunner[Any, Any] = runner_cls(weights=self.weights, settings=self.settings)
         self.scheduler = Scheduler(self.runner, max_active=self.runner.sizing.max_batch_size, max_waiting=max_queue)
         self._closed = False
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ public API
     @property
     def model(self) -> str:
+        """The model family's registry name (``"orpheus"``, ``"pi05"`` ...)."""
         return self.info.name
 
+    @property
+    def voices(self) -> tuple[str, ...]:
+        """The speaker names ``voice=`` accepts (empty for a model that does not speak)."""
+        return self.info.voices
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (explicitly, by a ``with`` block, or at interpreter exit)."""
+        return self._closed
+
     def accepted_kwargs(self) -> list[str]:
-        """The model_kwargs keys this model accepts."""
+        """The model_kwargs keys this model accepts (names only; :meth:`describe` has types and ranges)."""
         return sorted({*self.runner.params, "seed", "timeout"})
+
+    def describe(self) -> ModelDescription:
+        """What this engine takes and gives: modalities, default outputs, voices, and every
+        ``model_kwargs`` key with its type, default, range and meaning, plus the engine's own
+        state (weights, device, dtype, sizing). ``print()`` it for a table."""
+        sizing = dataclasses.asdict(self.runner.sizing)
+        state = EngineState(weights=self.weights, device=str(self.device), dtype=_dtype_name(self.dtype), sizing=sizing)
+        desc = build_description(self.info, self.runner.params, state)
+        # The engine's own deadline is the default of ``timeout``.
+        params = tuple(
+            dataclasses.replace(p, default=self.request_timeout) if p.name == "timeout" else p for p in desc.params
+        )
+        return dataclasses.replace(desc, params=params)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "ready"
+        return (
+            f"Engine({self.info.name!r}, weights={self.weights!r}, device={str(self.device)!r}, "
+            f"dtype={_dtype_name(self.dtype)}, {state})"
+        )
 
     def generate(
         self,
@@ -171,7 +249,7 @@ class Engine(GenerateSugar[EventStream]):
         audio: MediaArg | list[MediaArg] | None = None,
         video: MediaArg | list[MediaArg] | None = None,
         messages: list[dict[str, Any]] | None = None,
-        output_modalities: Sequence[str] | str = ("text",),
+        output_modalities: Sequence[str] | str | None = None,
         input_modalities: Sequence[str] | str | None = None,
         stream: bool = False,
         request_id: str | None = None,
@@ -180,22 +258,37 @@ class Engine(GenerateSugar[EventStream]):
         """Run one request. Returns a :class:`GenerateResult`, or with ``stream=True``
         an :class:`EventStream` of typed events ending with ``Finished``.
 
-        Bad input raises a subclass of :class:`mstar.errors.InvalidRequestError`
-        before anything runs.
+        ``output_modalities`` defaults to what the family always produces
+        (``ModelInfo.default_outputs``: audio for Orpheus, action for Pi0.5, latent for
+        V-JEPA 2, text for the chat models). ``model_kwargs`` are the model's
+        parameters (:meth:`describe` lists them with types, defaults and ranges) plus
+        ``seed`` and ``timeout``. Bad input raises a subclass of
+        :class:`mstar.errors.InvalidRequestError` before anything runs.
         """
-        req = self._build_request(
-            text=text,
-            images=images,
-            audio=audio,
-            video=video,
-            messages=messages,
-            output_modalities=output_modalities,
-            input_modalities=input_modalities,
-            request_id=request_id,
-            model_kwargs=model_kwargs,
-        )
-        self.scheduler.submit(req)
-        events = EventStream(self, req)
+        if output_modalities is None:
+            output_modalities = self.info.default_outputs
+        chunks = self._speech_chunks(text, messages, output_modalities, (images, audio, video))
+        if chunks is not None:
+            events = self._start_speech(
+                chunks, output_modalities=output_modalities, input_modalities=input_modalities,
+                request_id=request_id, model_kwargs=model_kwargs,
+            )
+        else:
+            req = self._build_request(
+                text=text,
+                images=images,
+                audio=audio,
+                video=video,
+                messages=messages,
+                output_modalities=output_modalities,
+                input_modalities=input_modalities,
+                request_id=request_id,
+                model_kwargs=model_kwargs,
+            )
+            if req.request_id in self._speech:
+                raise ConflictError(f"request_id {req.request_id!r} is already in flight")
+            self.scheduler.submit(req)
+            events = EventStream(self, req)
         if stream:
             return events
         collected: list[Event] = []
@@ -204,13 +297,21 @@ class Engine(GenerateSugar[EventStream]):
                 collected.append(ev)
         finally:
             events.close()
-        return GenerateResult.from_events(req.request_id, collected)
+        return GenerateResult.from_events(events.request_id, collected)
 
     def cancel(self, request_id: str) -> bool:
-        """Cancel an in-flight request. Returns True if it was running or queued."""
+        """Cancel an in-flight request. Returns True if it was running or queued.
+
+        An id not (yet) in flight is remembered for a while (``EARLY_CANCEL_TTL_S``, at most
+        ``EARLY_CANCEL_MAX`` of them) in case its request races in; an id that breaks the
+        request-id rule (:func:`mstar.protocol.check_request_id`) is refused.
+        """
         if not request_id:
             raise InvalidRequestError("cancel needs a request_id", param="request_id")
-        return self.scheduler.cancel(request_id)
+        speech = self._speech.get(request_id)
+        if speech is not None:  # a long text: every chunk goes
+            return speech.cancel(self.scheduler.cancel)
+        return self.scheduler.cancel(check_request_id(request_id))
 
     def stats(self) -> dict[str, Any]:
         """Scheduler and runner accounting: in-flight counts, cancel latencies, and the runner's
@@ -218,9 +319,13 @@ class Engine(GenerateSugar[EventStream]):
         return self.scheduler.stats()
 
     def close(self) -> None:
-        """Stop the scheduler (requests still running fail with ServiceError) and free the model."""
+        """Stop the scheduler (requests still running fail with ServiceError) and free the model.
+
+        Idempotent. An engine left open is closed at interpreter exit, so exiting never aborts.
+        """
         if not self._closed:
             self._closed = True
+            _LIVE.discard(self)
             self.scheduler.close()
             self.runner.close()
 
@@ -231,6 +336,59 @@ class Engine(GenerateSugar[EventStream]):
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _speech_chunks(
+        self, text: str | None, messages: Any, output_modalities: Sequence[str] | str, media: tuple[Any, ...]
+    ) -> list[str] | None:
+        """The chunks of a text to speak that is long enough to cut, else None (one request, as ever)."""
+        limit = self.speech_chunk_chars
+        if not limit or not self.runner.speaks_text or not isinstance(text, str) or len(text) <= limit:
+            return None
+        if messages is not None or any(m is not None for m in media):
+            return None
+        if parse_modalities(output_modalities, "output_modalities") != ("audio",):
+            return None
+        chunks = chunk_text(text, limit)
+        return chunks if len(chunks) > 1 else None
+
+    def _start_speech(
+        self,
+        chunks: list[str],
+        *,
+        output_modalities: Sequence[str] | str,
+        input_modalities: Sequence[str] | str | None,
+        request_id: str | None,
+        model_kwargs: dict[str, Any],
+    ) -> EventStream:
+        """Queue one request per chunk, all at once, behind one parent (see :mod:`mstar.speech.chunked`)."""
+        rid = check_request_id(request_id or uuid.uuid4().hex)
+        seed_arg = model_kwargs.get("seed")
+        seed = _parse_seed(seed_arg) if seed_arg is not None else derive_seed(rid)
+        # Every chunk is built (and so checked) before any is queued: bad input queues nothing.
+        children = [
+            self._build_request(
+                text=chunk, images=None, audio=None, video=None, messages=None,
+                output_modalities=output_modalities, input_modalities=input_modalities,
+                request_id=chunk_request_id(rid, i), model_kwargs={**model_kwargs, "seed": chunk_seed(seed, i)},
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        speech = ChunkedSpeech(rid, children, seed=seed, on_done=self._speech_done)
+        with self._speech_lock:
+            if rid in self._speech or self.scheduler.is_inflight(rid):
+                raise ConflictError(f"request_id {rid!r} is already in flight")
+            self._speech[rid] = speech
+        try:
+            speech.start(self.scheduler.submit)
+        except BaseException:
+            self._speech_done(speech)
+            raise
+        return EventStream(self, speech)
+
+    def _speech_done(self, speech: ChunkedSpeech) -> None:
+        with self._speech_lock:
+            if self._speech.get(speech.request_id) is speech:
+                del self._speech[speech.request_id]
+
     def _build_request(
         self,
         *,
@@ -249,14 +407,17 @@ class Engine(GenerateSugar[EventStream]):
         if messages is not None and not isinstance(messages, list):
             raise InvalidRequestError("messages must be a list of {role, content} objects", param="messages")
         _check_utf8(text, messages)
-        inputs = RequestInputs(
-            text=text,
-            messages=messages,
-            images=normalize_media(images, "image"),
-            audio=normalize_media(audio, "audio"),
-            video=normalize_media(video, "video"),
+        # OpenAI content parts (image_url, input_audio, ...) become placeholders with their media in order.
+        messages, media = place_media(
+            messages,
+            {m: normalize_media(arg, m) for m, arg in (("image", images), ("audio", audio), ("video", video))},
+            inline_media,
         )
-        outs = parse_modalities(output_modalities, "output_modalities") or ("text",)
+        media = {m: with_limits(items, self.media_limits) for m, items in media.items()}
+        inputs = RequestInputs(
+            text=text, messages=messages, images=media["image"], audio=media["audio"], video=media["video"]
+        )
+        outs = parse_modalities(output_modalities, "output_modalities") or self.info.default_outputs
         cannot = [m for m in outs if m not in self.info.output_modalities]
         if cannot:
             raise UnsupportedModalityError(
@@ -316,6 +477,17 @@ def _check_utf8(text: str | None, messages: list[dict[str, Any]] | None) -> None
                 ) from None
 
 
+def _parse_chunk_chars(value: int | None) -> int | None:
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_CHUNK_CHARS:
+        raise InvalidParameterError(
+            f"speech_chunk_chars must be an integer >= {MIN_CHUNK_CHARS}, or 0/None to speak every text whole; got {value!r}",
+            param="speech_chunk_chars",
+        )
+    return value
+
+
 def _parse_seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InvalidParameterError(f"seed must be an integer, got {value!r}", param="seed")
@@ -334,6 +506,10 @@ def _parse_timeout(value: Any, default: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 86400:
         raise InvalidParameterError(f"timeout must be a number of seconds in (0, 86400], got {value!r}", param="timeout")
     return float(value)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

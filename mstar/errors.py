@@ -11,10 +11,13 @@ The hierarchy, so you know what to catch::
     │   │   ├── InvalidParameterError (a known key with a bad value)
     │   │   ├── UnsupportedModalityError
     │   │   ├── EmptyInputError
-    │   │   ├── MediaError            (corrupt, unsupported or oversized media)
+    │   │   ├── MediaError            (corrupt, unsupported or too-short media)
+    │   │   │   └── MediaTooLargeError  413: over a decoding cap (also a PayloadTooLargeError)
     │   │   └── ShapeError            (tensor inputs of the wrong shape)
     │   ├── AuthenticationError       401
     │   ├── NotFoundError             404
+    │   ├── MethodNotAllowedError     405
+    │   ├── BodyTimeoutError          408: the request body arrived too slowly
     │   ├── ConflictError             409: a request_id already in flight
     │   └── PayloadTooLargeError      413
     ├── ServiceError                  the service cannot take it now (HTTP 429/503/504)
@@ -29,7 +32,10 @@ The hierarchy, so you know what to catch::
         └── ProtocolError             the server answered something that is not the protocol
 
 Every exception has ``status_code`` (the HTTP status it maps to) and ``code``
-(a short stable string, used as the OpenAI error ``code``).
+(a short stable string, used as the OpenAI error ``code``). The server writes
+``code`` into every error body and in-band error line; the client maps it back
+with :func:`error_for_status`, so the same mistake raises the same class from
+an in-process Engine and from :class:`~mstar.client.MStarClient`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "AuthenticationError",
+    "BodyTimeoutError",
     "ConflictError",
     "ConnectError",
     "EmptyInputError",
@@ -45,6 +52,8 @@ __all__ = [
     "InvalidRequestError",
     "MStarError",
     "MediaError",
+    "MethodNotAllowedError",
+    "MediaTooLargeError",
     "ModelError",
     "NotFoundError",
     "NotReadyError",
@@ -62,6 +71,7 @@ __all__ = [
     "UnknownVoiceError",
     "UnsupportedModalityError",
     "WeightsError",
+    "error_class_for_code",
     "error_for_status",
 ]
 
@@ -169,6 +179,28 @@ class PayloadTooLargeError(RequestError):
     code = "payload_too_large"
 
 
+class MethodNotAllowedError(RequestError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class BodyTimeoutError(RequestError):
+    """The client did not deliver its request body within the server's body timeout."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
+class MediaTooLargeError(MediaError, PayloadTooLargeError):
+    """Media that would decode past a cap of :class:`mstar.media_limits.MediaLimits` (pixels, seconds, frames, bytes).
+
+    Both a :class:`MediaError` and a :class:`PayloadTooLargeError`: 413, like every size limit.
+    """
+
+    status_code = 413
+    code = "media_too_large"
+
+
 # ---------------------------------------------------------------- service
 
 
@@ -247,16 +279,54 @@ _BY_STATUS: dict[int, type[MStarError]] = {
 }
 
 
-def error_for_status(status: int, message: str, *, code: str | None = None, retry_after: float | None = None) -> MStarError:
-    """Build the exception that matches an HTTP status (used by the client)."""
-    cls = _BY_STATUS.get(status)
+def _wire_classes() -> dict[str, type[MStarError]]:
+    """``code`` -> class for every error of this module a server can send."""
+    found: dict[str, type[MStarError]] = {}
+    pending: list[type[MStarError]] = [MStarError]
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        # Only this module's classes: a subclass defined elsewhere (a test, a plugin) never changes the mapping.
+        if cls.__module__ == __name__ and not issubclass(cls, TransportError):  # transport errors stay client-side
+            found.setdefault(cls.code, cls)
+    found["invalid_request"] = InvalidRequestError  # the 400 class users catch, not its abstract parent
+    return found
+
+
+_BY_CODE = _wire_classes()
+
+
+def error_class_for_code(code: str | None, status: int | None = None) -> type[MStarError] | None:
+    """The class whose ``code`` is ``code`` (and, when given, whose ``status_code`` is ``status``); None if none."""
+    cls = _BY_CODE.get(code) if code else None
+    if cls is None or (status is not None and cls.status_code != status):
+        return None
+    return cls
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    retry_after: float | None = None,
+) -> MStarError:
+    """Rebuild the exception a server reported (used by the client).
+
+    The class is the one whose ``code`` and ``status_code`` both match, so the
+    client raises what the Engine raised (``UnknownVoiceError``, ``ShapeError``,
+    ...); a code this side does not know falls back to the class of the HTTP
+    status. Class-specific constructor data (``UnknownVoiceError.available``)
+    does not travel: the message carries it.
+    """
+    cls = error_class_for_code(code, status) or _BY_STATUS.get(status)
     if cls is None:
         cls = RequestError if 400 <= status < 500 else ModelError if status == 500 else ServiceError
-    if cls is RateLimitError:
-        exc: MStarError = RateLimitError(message, retry_after=retry_after)
-    else:
-        exc = MStarError.__new__(cls)
-        MStarError.__init__(exc, message)
+    exc = MStarError.__new__(cls)
+    MStarError.__init__(exc, message, param=param)
+    if isinstance(exc, RateLimitError):
+        exc.retry_after = retry_after
     exc.status_code = status
     if code:
         exc.code = code

@@ -6,22 +6,46 @@ by the server and by an in-process Engine with the same words.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from mstar.errors import InvalidRequestError
 
-__all__ = ["REQUEST_ID_MAX_LEN", "check_request_id", "parse_modalities"]
+__all__ = ["REQUEST_ID_CHARS", "REQUEST_ID_MAX_LEN", "check_request_id", "parse_modalities"]
 
 #: The longest request id accepted anywhere (it travels in headers and URL paths).
-REQUEST_ID_MAX_LEN = 256
+REQUEST_ID_MAX_LEN = 128
+
+#: The characters a request id may hold: RFC 3986's unreserved set. Each is safe unescaped in a
+#: response header (no CR/LF, NUL, tab, space or non-ASCII) and in one URL path segment (no ``/``,
+#: ``%``, ``?`` or ``#``), so the id a client sent is the id ``/cancel/{id}`` finds.
+REQUEST_ID_CHARS = "A-Z a-z 0-9 . _ ~ -"
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 def check_request_id(value: object) -> str:
-    """Return ``value`` if it is a usable request id, else raise a typed error naming the rule."""
-    if not isinstance(value, str) or not value or len(value) > REQUEST_ID_MAX_LEN:
+    """Return ``value`` if it is a usable request id, else raise a typed error naming the rule.
+
+    The rule, the same for the Engine, ``/generate``, ``/cancel`` and the client: 1 to
+    :data:`REQUEST_ID_MAX_LEN` characters of :data:`REQUEST_ID_CHARS`, and not ``.`` or ``..``
+    (which URL clients rewrite as path steps).
+    """
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"request_id must be a string, got {type(value).__name__}", param="request_id")
+    if not value:
+        raise InvalidRequestError("request_id must not be empty", param="request_id")
+    if len(value) > REQUEST_ID_MAX_LEN:
         raise InvalidRequestError(
-            f"request_id must be a non-empty string of at most {REQUEST_ID_MAX_LEN} characters", param="request_id"
+            f"request_id is {len(value)} characters long; at most {REQUEST_ID_MAX_LEN} are accepted", param="request_id"
         )
+    if _REQUEST_ID.fullmatch(value) is None:
+        bad = next(c for c in value if _REQUEST_ID.fullmatch(c) is None)
+        raise InvalidRequestError(
+            f"request_id {value!r} holds {bad!r}; use only the characters {REQUEST_ID_CHARS}", param="request_id"
+        )
+    if value in (".", ".."):
+        raise InvalidRequestError(f"request_id {value!r} is not usable: it reads as a URL path step", param="request_id")
     return value
 
 

@@ -32,6 +32,19 @@ class ModelInfo:
     #: Speaker names the model knows (the one list adapters, runners and /v1/audio/voices read).
     voices: tuple[str, ...] = ()
     default_voice: str | None = None
+    #: What a request produces when it names no ``output_modalities`` (Engine, server and client);
+    #: empty means the first of ``output_modalities``.
+    default_output_modalities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stray = [m for m in self.default_output_modalities if m not in self.output_modalities]
+        if stray:
+            raise ValueError(f"model {self.name!r}: default output {stray} is not among its outputs {self.output_modalities}")
+
+    @property
+    def default_outputs(self) -> tuple[str, ...]:
+        """The output modalities of a request that names none."""
+        return self.default_output_modalities or self.output_modalities[:1]
 
     def check_inputs(self, modalities: tuple[str, ...] | list[str]) -> None:
         """Refuse input modalities this model does not take (the one wording, Engine and server)."""
@@ -50,6 +63,7 @@ class ModelInfo:
             "hub_id": self.hub_id,
             "input_modalities": list(self.input_modalities),
             "output_modalities": list(self.output_modalities),
+            "default_output_modalities": list(self.default_outputs),
             "voices": list(self.voices),
             "default_voice": self.default_voice,
         }
@@ -64,6 +78,7 @@ _MODELS: dict[str, ModelInfo] = {
             hub_id="canopylabs/orpheus-3b-0.1-ft",
             input_modalities=("text",),
             output_modalities=("audio",),
+            default_output_modalities=("audio",),
             runner="mstar.models.orpheus.runner:OrpheusRunner",
             voices=("tara", "zoe", "zac", "jess", "leo", "mia", "julia", "leah"),
             default_voice="tara",
@@ -74,6 +89,7 @@ _MODELS: dict[str, ModelInfo] = {
             hub_id="lerobot/pi05_base",
             input_modalities=("text", "image"),
             output_modalities=("action",),
+            default_output_modalities=("action",),
             runner="mstar.models.pi05.runner:Pi05Runner",
         ),
         ModelInfo(
@@ -82,6 +98,7 @@ _MODELS: dict[str, ModelInfo] = {
             hub_id="ByteDance-Seed/BAGEL-7B-MoT",
             input_modalities=("text", "image"),
             output_modalities=("text", "image"),
+            default_output_modalities=("text",),
             runner="mstar.models.bagel.runner:BagelRunner",
         ),
         ModelInfo(
@@ -90,6 +107,7 @@ _MODELS: dict[str, ModelInfo] = {
             hub_id="facebook/vjepa2-vitl-fpc64-256",
             input_modalities=("video",),
             output_modalities=("latent",),
+            default_output_modalities=("latent",),
             runner="mstar.models.vjepa2.runner:VJEPA2Runner",
         ),
         ModelInfo(
@@ -98,6 +116,7 @@ _MODELS: dict[str, ModelInfo] = {
             hub_id="facebook/vjepa2-vitg-fpc64-256",
             input_modalities=("video", "image"),
             output_modalities=("latent",),
+            default_output_modalities=("latent",),
             runner="mstar.models.vjepa2.ac_runner:VJEPA2ACRunner",
         ),
         ModelInfo(
@@ -106,6 +125,7 @@ _MODELS: dict[str, ModelInfo] = {
             hub_id="Qwen/Qwen3-Omni-30B-A3B-Instruct",
             input_modalities=("text", "image", "audio", "video"),
             output_modalities=("text", "audio"),
+            default_output_modalities=("text",),
             runner="mstar.models.qwen3_omni.runner:Qwen3OmniRunner",
             # The published Talker's speaker table (talker_config.speaker_id), in its order.
             voices=("Chelsie", "Ethan", "Aiden"),

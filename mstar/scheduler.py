@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -20,12 +20,53 @@ from mstar.errors import ConflictError, RateLimitError, ServiceError
 from mstar.models.base import ModelRunner
 from mstar.request import Request
 
-__all__ = ["Scheduler"]
+__all__ = ["EARLY_CANCEL_MAX", "EARLY_CANCEL_TTL_S", "EarlyCancels", "Scheduler"]
 
 log = logging.getLogger("mstar.scheduler")
 
 # A cancel for an id not yet registered is kept this long, then forgotten.
 EARLY_CANCEL_TTL_S = 10.0
+# At most this many such cancels are kept (the oldest goes first), so unknown ids cannot pile up.
+EARLY_CANCEL_MAX = 1024
+
+
+class EarlyCancels:
+    """Cancels that raced ahead of their request: bounded in number, each expiring after a TTL.
+
+    Not thread-safe on its own; the scheduler calls it under its lock.
+    """
+
+    __slots__ = ("_expiry", "max_entries", "ttl")
+
+    def __init__(self, ttl: float = EARLY_CANCEL_TTL_S, max_entries: int = EARLY_CANCEL_MAX) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._expiry: OrderedDict[str, float] = OrderedDict()  # oldest first: all share one TTL
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self.purge(now)
+        self._expiry.pop(request_id, None)
+        self._expiry[request_id] = now + self.ttl
+        while len(self._expiry) > self.max_entries:
+            self._expiry.popitem(last=False)
+
+    def take(self, request_id: str) -> bool:
+        """True (once) if a live cancel was stashed for ``request_id``."""
+        expiry = self._expiry.pop(request_id, None)
+        return expiry is not None and expiry >= time.monotonic()
+
+    def purge(self, now: float | None = None) -> None:
+        """Forget expired cancels (the scheduler also calls this while idle, so they expire on their own)."""
+        now = time.monotonic() if now is None else now
+        while self._expiry:
+            oldest, expiry = next(iter(self._expiry.items()))
+            if expiry >= now:
+                break
+            del self._expiry[oldest]
 
 
 class Scheduler:
@@ -41,7 +82,7 @@ class Scheduler:
         self._inflight: dict[str, Request] = {}
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []
-        self._early_cancels: dict[str, float] = {}
+        self._early_cancels = EarlyCancels()
         self._closed = False
         self._step_count = 0
         self._cancel_latencies: list[tuple[int, float]] = []
@@ -57,8 +98,7 @@ class Scheduler:
                 raise ConflictError(f"request_id {req.request_id!r} is already in flight")
             if len(self._waiting) >= self.max_waiting:
                 raise RateLimitError("the engine's queue is full; retry later", retry_after=1.0)
-            expiry = self._early_cancels.pop(req.request_id, None)
-            if expiry is not None and expiry >= time.monotonic():
+            if self._early_cancels.take(req.request_id):
                 req.request_cancel()
             self._inflight[req.request_id] = req
             self._waiting.append(req)
@@ -73,9 +113,7 @@ class Scheduler:
         with self._lock:
             req = self._inflight.get(request_id)
             if req is None:
-                now = time.monotonic()
-                self._early_cancels = {k: v for k, v in self._early_cancels.items() if v >= now}
-                self._early_cancels[request_id] = now + EARLY_CANCEL_TTL_S
+                self._early_cancels.add(request_id)
                 return False
             req.request_cancel()
             self._lock.notify_all()
@@ -93,6 +131,7 @@ class Scheduler:
                 "waiting": len(self._waiting),
                 "active": len(self._active),
                 "steps": self._step_count,
+                "early_cancels": len(self._early_cancels),  # stashed cancels for ids not (yet) in flight
                 "cancel_latencies": lat,  # (model steps, seconds) from cancel to stop
                 **self.runner.stats().to_dict(),
             }
@@ -110,6 +149,7 @@ class Scheduler:
             with self._lock:
                 while not self._closed and not self._waiting and not self._active:
                     self._lock.wait(0.5)
+                    self._early_cancels.purge()
                 if self._closed:
                     pending = list(self._waiting) + self._active
                     self._waiting.clear()

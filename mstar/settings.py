@@ -5,29 +5,29 @@
 and resolves the fields left at ``None`` against its family's defaults with
 :meth:`RunnerSettings.resolve`. Runners never read environment variables.
 
-=================  ==========================================================
-field              meaning
-=================  ==========================================================
-``device``         where the weights, the KV cache and the sampling live
-``dtype``          the weights' and activations' dtype
-``max_batch_size`` requests running at once; for the autoregressive families
-                   this is also the number of KV cache slots
-``max_seq_len``    positions per request in the KV cache (prompt + output)
-``prefill_chunk``  prompt tokens prefilled per step, across requests, so that
-                   running requests keep decoding while a long prompt loads
-``cuda_graphs``    static-shape decode (CUDA graphs on CUDA, padding on CPU)
-``kv_cache_tokens`` positions in the paged KV pool, shared by all requests
-                   (default: every request at ``max_seq_len``, so the pool
-                   never runs out; smaller pools admit and preempt by blocks)
-``kv_block_size``  positions per KV block (the unit of allocation and of
-                   prefix sharing)
-``batch_invariant`` CPU fp32 only: compute every linear layer row by row in a
-                   fixed shape, so a seeded request gives bitwise the same
-                   output alone or in any batch (default on). Off, batched
-                   decode and prefill run at ``F.linear`` speed (several times
-                   faster per row at batch 8 and more) and results may differ
-                   in the last bits with the batch (mstar/layers/invariant.py)
-=================  ==========================================================
+===================  ==========================================================
+field                meaning
+===================  ==========================================================
+``device``           where the weights, the KV cache and the sampling live
+``dtype``            the weights' and activations' dtype
+``max_batch_size``   requests running at once; for the autoregressive families
+                     this is also the number of KV cache slots
+``max_seq_len``      positions per request in the KV cache (prompt + output)
+``prefill_chunk``    prompt tokens prefilled per step, across requests, so that
+                     running requests keep decoding while a long prompt loads
+``cuda_graphs``      static-shape decode (CUDA graphs on CUDA, padding on CPU)
+``kv_cache_tokens``  positions in the paged KV pool, shared by all requests
+                     (default: every request at ``max_seq_len``, so the pool
+                     never runs out; smaller pools admit and preempt by blocks)
+``kv_block_size``    positions per KV block (the unit of allocation and of
+                     prefix sharing)
+``batch_invariant``  CPU fp32 only: compute every linear layer row by row in a
+                     fixed shape, so a seeded request gives bitwise the same
+                     output alone or in any batch (default on). Off, batched
+                     decode and prefill run at ``F.linear`` speed (several times
+                     faster per row at batch 8 and more) and results may differ
+                     in the last bits with the batch (mstar/layers/invariant.py)
+===================  ==========================================================
 """
 
 from __future__ import annotations

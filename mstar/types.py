@@ -5,18 +5,24 @@ stay installable without torch. Every event converts to and from one NDJSON
 wire line ``{"modality", "data" (base64), "metadata"}``; a ``GenerateResult``
 converts to and from the non-streaming JSON document
 ``{"request_id", "outputs": {modality: [{"data", "metadata"}]}}``.
+
+Every type has a short ``repr`` (duration and sample rate, PNG size, tensor shape, finish
+reason and seed; never the raw bytes), and Jupyter shows media inline through the duck-typed
+hooks: audio as an ``<audio controls>`` player (``_repr_html_``), images as PNG
+(``_repr_png_``), a ``GenerateResult`` as its text, images, player and tensor shapes together.
+Inline media is capped (see :mod:`mstar._display`).
 """
 
 from __future__ import annotations
 
 import base64
-import io
+import html
 import json
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mstar import _display
 from mstar.sniff import PNG_MAGIC
 
 if TYPE_CHECKING:
@@ -67,9 +73,14 @@ class Usage:
 
     @property
     def total_tokens(self) -> int:
+        """Input plus output tokens."""
         return self.input_tokens + self.output_tokens
 
+    def __repr__(self) -> str:
+        return f"Usage(input_tokens={self.input_tokens}, output_tokens={self.output_tokens}, steps={self.steps})"
+
     def to_dict(self) -> dict[str, int]:
+        """The wire form: ``{"input_tokens", "output_tokens", "steps"}``."""
         return {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
@@ -86,6 +97,7 @@ class Usage:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Usage:
+        """Parse the wire form (OpenAI's ``prompt_tokens``/``completion_tokens`` spellings too)."""
         d = d or {}
 
         def count(key: str) -> int:
@@ -107,7 +119,11 @@ class TextChunk:
     modality: Literal["text"] = "text"
 
     def to_wire(self) -> dict[str, Any]:
+        """The NDJSON wire object of this event."""
         return {"modality": "text", "data": _b64(self.text.encode("utf-8")), "metadata": dict(self.metadata)}
+
+    def __repr__(self) -> str:
+        return f"TextChunk({_display.short(self.text, 60)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,20 +135,31 @@ class ImageChunk:
     modality: Literal["image"] = "image"
 
     def save(self, path: str | Path) -> Path:
+        """Write the PNG bytes to ``path``; returns the path."""
         p = Path(path)
         p.write_bytes(self.data)
         return p
 
     @property
     def width(self) -> int:
+        """Width in pixels read from the PNG header (0 when the bytes are not a PNG)."""
         return int.from_bytes(self.data[16:20], "big") if self.data.startswith(PNG_MAGIC) else 0
 
     @property
     def height(self) -> int:
+        """Height in pixels read from the PNG header (0 when the bytes are not a PNG)."""
         return int.from_bytes(self.data[20:24], "big") if self.data.startswith(PNG_MAGIC) else 0
 
     def to_wire(self) -> dict[str, Any]:
+        """The NDJSON wire object of this event."""
         return {"modality": "image", "data": _b64(self.data), "metadata": dict(self.metadata)}
+
+    def __repr__(self) -> str:
+        return f"ImageChunk({_display.image_summary(self.data)})"
+
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter shows the image inline."""
+        return self.data if self.data.startswith(PNG_MAGIC) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +173,7 @@ class AudioChunk:
     modality: Literal["audio"] = "audio"
 
     def to_numpy(self) -> np.ndarray:
+        """The samples as int16: shape ``[n]`` for mono, ``[n, channels]`` otherwise."""
         import numpy as np
 
         arr = np.frombuffer(self.pcm, dtype="<i2")
@@ -154,7 +182,20 @@ class AudioChunk:
     def __len__(self) -> int:
         return len(self.pcm) // (2 * self.num_channels)
 
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return len(self) / float(self.sample_rate) if self.sample_rate else 0.0
+
+    def __repr__(self) -> str:
+        return f"AudioChunk({_display.audio_summary(len(self), self.sample_rate, self.num_channels)}, {len(self)} samples)"
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows an audio player."""
+        return _display.audio_html(self.pcm, self.sample_rate, self.num_channels)
+
     def to_wire(self) -> dict[str, Any]:
+        """The NDJSON wire object of this event (sample rate and channels in its metadata)."""
         meta = dict(self.metadata)
         meta.update(sample_rate=self.sample_rate, num_channels=self.num_channels)
         return {"modality": "audio", "data": _b64(self.pcm), "metadata": meta}
@@ -171,14 +212,21 @@ class TensorChunk:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_numpy(self) -> np.ndarray:
+        """The tensor as a read-only numpy array of ``shape`` and ``dtype``."""
         import numpy as np
 
         return np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<")).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        keys = ", ".join(map(str, sorted(self.metadata, key=str)))
+        meta = f", metadata: {keys[:80]}{'…' if len(keys) > 80 else ''}" if keys else ""
+        return f"TensorChunk({_display.tensor_summary(self.modality, self.dtype, self.shape)}{meta})"
 
     @classmethod
     def from_numpy(
         cls, array: np.ndarray, modality: Literal["action", "latent"], metadata: dict[str, Any] | None = None
     ) -> TensorChunk:
+        """Wrap a numpy array (stored little-endian, C order) as an ``action`` or ``latent`` output."""
         import numpy as np
 
         arr = np.ascontiguousarray(array)
@@ -192,6 +240,7 @@ class TensorChunk:
         )
 
     def to_wire(self) -> dict[str, Any]:
+        """The NDJSON wire object of this event (dtype and shape in its metadata)."""
         meta = dict(self.metadata)
         meta.update(dtype=self.dtype, shape=list(self.shape))
         return {"modality": self.modality, "data": _b64(self.data), "metadata": meta}
@@ -207,7 +256,12 @@ class Progress:
     modality: Literal["progress"] = "progress"
 
     def to_wire(self) -> dict[str, Any]:
+        """The NDJSON wire object of this event."""
         return {"modality": "progress", "data": "", "metadata": {"step": self.step, "total": self.total, "stage": self.stage}}
+
+    def __repr__(self) -> str:
+        stage = f"{_display.short(self.stage, 30)}, " if self.stage else ""
+        return f"Progress({stage}{self.step}/{self.total})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,10 +275,15 @@ class Finished:
     modality: Literal["done"] = "done"
 
     def to_wire(self) -> dict[str, Any]:
+        """The NDJSON wire object of this event."""
         meta: dict[str, Any] = {"finish_reason": self.finish_reason, "usage": self.usage.to_dict(), "seed": self.seed}
         if self.request_id is not None:
             meta["request_id"] = self.request_id
         return {"modality": "done", "data": "", "metadata": meta}
+
+    def __repr__(self) -> str:
+        rid = f", request_id={_display.short(self.request_id, 36)}" if self.request_id is not None else ""
+        return f"Finished({self.finish_reason!r}, seed={self.seed}, {self.usage!r}{rid})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,13 +298,18 @@ class ErrorChunk:
     message: str
     code: str = "error"
     modality: Literal["error"] = "error"
+    #: The request field the error is about, as in the error body's ``param`` (None when none).
+    param: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "modality": "error",
-            "data": _b64(self.message.encode("utf-8")),
-            "metadata": {"status": self.status, "message": self.message, "code": self.code},
-        }
+        """The NDJSON wire object of this error line."""
+        meta: dict[str, Any] = {"status": self.status, "message": self.message, "code": self.code}
+        if self.param is not None:
+            meta["param"] = self.param
+        return {"modality": "error", "data": _b64(self.message.encode("utf-8")), "metadata": meta}
+
+    def __repr__(self) -> str:
+        return f"ErrorChunk({self.status}, {self.code!r}, {_display.short(self.message, 120)})"
 
 
 Event = TextChunk | ImageChunk | AudioChunk | TensorChunk | Progress | Finished
@@ -299,7 +363,11 @@ def event_from_wire(obj: dict[str, Any]) -> WireEvent:
             return Finished(reason, Usage.from_dict(meta.get("usage")), None if seed is None else int(seed), meta.get("request_id"))
         if modality == "error":
             message = str(meta.get("message") or raw.decode("utf-8", "replace"))
-            return ErrorChunk(int(meta.get("status", 500)), message, str(meta.get("code", "error")))
+            param = meta.get("param")
+            return ErrorChunk(
+                int(meta.get("status", 500)), message, str(meta.get("code", "error")),
+                param=None if param is None else str(param),
+            )
     except (KeyError, TypeError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed {modality!r} wire line: {exc!r}") from exc
     raise ValueError(f"unknown modality {modality!r} on the wire")
@@ -333,27 +401,32 @@ class AudioBuffer:
         return len(self) / float(self.sample_rate) if self.sample_rate else 0.0
 
     def to_numpy(self) -> np.ndarray:
+        """The samples as int16: shape ``[n]`` for mono, ``[n, channels]`` otherwise."""
         import numpy as np
 
         arr = np.frombuffer(self.pcm, dtype="<i2")
         return arr.reshape(-1, self.num_channels) if self.num_channels > 1 else arr
 
     def wav_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        with wave.open(buf, "wb") as w:
-            w.setnchannels(self.num_channels)
-            w.setsampwidth(2)
-            w.setframerate(self.sample_rate)
-            w.writeframes(self.pcm)
-        return buf.getvalue()
+        """The audio as a WAV file in memory."""
+        return _display.wav_bytes(self.pcm, self.sample_rate, self.num_channels)
 
     def to_wav(self, path: str | Path) -> Path:
+        """Write the audio to ``path`` as a WAV file; returns the path."""
         p = Path(path)
         p.write_bytes(self.wav_bytes())
         return p
 
+    def __repr__(self) -> str:
+        return f"AudioBuffer({_display.audio_summary(len(self), self.sample_rate, self.num_channels)}, {len(self)} samples)"
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows an audio player (the first :data:`mstar._display.MAX_INLINE_AUDIO_SECONDS` seconds)."""
+        return _display.audio_html(self.pcm, self.sample_rate, self.num_channels)
+
     @classmethod
     def from_chunks(cls, chunks: list[AudioChunk]) -> AudioBuffer | None:
+        """Join streamed audio chunks into one buffer (None when there are none)."""
         if not chunks:
             return None
         return cls(b"".join(c.pcm for c in chunks), chunks[0].sample_rate, chunks[0].num_channels)
@@ -400,9 +473,14 @@ class GenerateResult:
     # ---- conveniences
     @property
     def image(self) -> bytes | None:
+        """The first image's PNG bytes, or None when the result holds no image."""
         return self.images[0] if self.images else None
 
     def save_image(self, path: str | Path, index: int = 0) -> Path:
+        """Write image ``index`` (PNG bytes) to ``path``; returns the path.
+
+        Raises ``ValueError`` when the result holds no image.
+        """
         if not self.images:
             raise ValueError("this result holds no image")
         p = Path(path)
@@ -410,12 +488,55 @@ class GenerateResult:
         return p
 
     def save_audio(self, path: str | Path) -> Path:
+        """Write the audio to ``path`` as a WAV file; returns the path.
+
+        Raises ``ValueError`` when the result holds no audio.
+        """
         if self.audio is None:
             raise ValueError("this result holds no audio")
         return self.audio.to_wav(path)
 
+    # ---- display
+    def __repr__(self) -> str:
+        parts = [f"request_id={_display.short(self.request_id, 12)}", f"finish_reason={self.finish_reason!r}", f"seed={self.seed}"]
+        if self.text:
+            parts.append(f"text={_display.short(self.text, 30)}")
+        if self.audio is not None:
+            a = self.audio
+            parts.append(f"audio=({_display.audio_summary(len(a), a.sample_rate, a.num_channels)})")
+        if self.images:
+            more = f" +{len(self.images) - 1}" if len(self.images) > 1 else ""
+            parts.append(f"images=[{_display.image_summary(self.images[0]).split(',')[0]}{more}]")
+        if self.tensors:
+            t = self.tensors[0]
+            more = f" +{len(self.tensors) - 1}" if len(self.tensors) > 1 else ""
+            parts.append(f"tensors=[{_display.tensor_summary(t.modality, t.dtype, t.shape)}{more}]")
+        u = self.usage
+        parts.append(f"tokens={u.input_tokens} in/{u.output_tokens} out")
+        return f"GenerateResult({', '.join(parts)})"
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the text, the images, an audio player and the tensors' shapes together."""
+        rows = [
+            f"<div><code>{html.escape(f'request {self.request_id}: {self.finish_reason}, seed {self.seed}, ')}"
+            f"{self.usage.input_tokens} input / {self.usage.output_tokens} output tokens</code></div>"
+        ]
+        if self.text:
+            rows.append(_display.text_html(self.text))
+        shown = self.images[: _display.MAX_INLINE_IMAGES]
+        if shown:
+            rows.append("<div>" + "".join(_display.image_html(img) for img in shown) + "</div>")
+        if len(self.images) > len(shown):
+            rows.append(f"<div><small>… and {len(self.images) - len(shown)} more images (see .images)</small></div>")
+        if self.audio is not None:
+            rows.append(self.audio._repr_html_())
+        for t in self.tensors:
+            rows.append(f"<div><code>{html.escape(repr(t))}</code></div>")
+        return "<div>" + "".join(rows) + "</div>"
+
     # ---- wire
     def to_json(self) -> dict[str, Any]:
+        """The non-streaming JSON document of this result (what ``POST /generate`` answers)."""
         outputs: dict[str, list[dict[str, Any]]] = {}
         if self.text:
             outputs["text"] = [TextChunk(self.text).to_wire()]

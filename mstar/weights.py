@@ -17,10 +17,23 @@ from typing import Any
 import torch
 
 from mstar.errors import WeightsError
+from mstar.progress import hub_tqdm_class
 
-__all__ = ["TINY", "cache_root", "component_override", "hub_offline", "resolve_checkpoint_dir", "tiny_state_dict"]
+__all__ = [
+    "CLI_WEIGHTS_HINT",
+    "TINY",
+    "WEIGHTS_HINT",
+    "cache_root",
+    "component_override",
+    "hub_offline",
+    "resolve_checkpoint_dir",
+    "tiny_state_dict",
+]
 
 TINY = "tiny"
+#: What a weights error suggests, in the Engine's spelling; ``mstar-server`` swaps in :data:`CLI_WEIGHTS_HINT`.
+WEIGHTS_HINT = "Pass a local checkpoint directory, a hub id, or weights='tiny' for the small random variant."
+CLI_WEIGHTS_HINT = "Pass --weights /path/to/checkpoint, --weights <hub id>, or --weights tiny for the small random variant."
 
 
 def cache_root() -> Path:
@@ -78,13 +91,26 @@ def resolve_checkpoint_dir(weights: str | os.PathLike[str], *, allow_patterns: l
         return path
     if path.exists():
         raise WeightsError(f"weights path {str(path)!r} is a file; pass the checkpoint directory")
+    if _looks_like_path(str(weights)):
+        raise WeightsError(f"weights directory {str(path)!r} does not exist. {WEIGHTS_HINT}")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(weights), allow_patterns=allow_patterns, local_files_only=hub_offline()))
+        return Path(
+            snapshot_download(
+                str(weights),
+                allow_patterns=allow_patterns,
+                local_files_only=hub_offline(),
+                tqdm_class=hub_tqdm_class(),
+            )
+        )
     except Exception as exc:
         raise WeightsError(
             f"could not find weights {str(weights)!r}: not a local directory, and the hub download failed "
-            f"({type(exc).__name__}: {exc}). Pass a local checkpoint directory, or weights='tiny' for the "
-            "small random variant."
+            f"({type(exc).__name__}: {exc}). {WEIGHTS_HINT}"
         ) from exc
+
+
+def _looks_like_path(weights: str) -> bool:
+    """A filesystem path rather than a hub id (``org/name``): absolute, or starting with ``.`` or ``~``."""
+    return Path(weights).is_absolute() or weights.startswith((".", "~")) or "\\" in weights

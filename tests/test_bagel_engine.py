@@ -97,7 +97,7 @@ def test_chat_messages_place_images_in_order(engine: Engine) -> None:
     ]
     res = engine.chat(messages, images=_source_png(), max_output_tokens=3, seed=1)
     assert res.text and res.usage.output_tokens == 3
-    with pytest.raises(InvalidRequestError, match="more images"):
+    with pytest.raises(InvalidRequestError, match="only 0 image"):
         engine.chat(messages, max_output_tokens=3)
 
 

@@ -785,3 +785,96 @@ def test_endless_line_raises_protocol_error() -> None:
 
     with pytest.raises(errors.ProtocolError, match="exceeds 15 bytes"):
         list(split_lines([b"x" * 10, b"y" * 10], max_line=15))
+
+
+# ----------------------------------------------------------------------------- one SDK behaviour
+
+
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        ("unknown_voice", errors.UnknownVoiceError),
+        ("unknown_parameter", errors.UnknownParameterError),
+        ("invalid_parameter", errors.InvalidParameterError),
+        ("unsupported_modality", errors.UnsupportedModalityError),
+        ("empty_input", errors.EmptyInputError),
+        ("invalid_media", errors.MediaError),
+        ("invalid_shape", errors.ShapeError),
+        ("unknown_model", errors.UnknownModelError),
+        ("invalid_request", errors.InvalidRequestError),
+        ("some_code_of_a_newer_server", errors.InvalidRequestError),
+    ],
+)
+def test_error_code_in_the_body_raises_the_engines_class(code: str, cls: type[errors.MStarError]) -> None:
+    doc = {"error": {"message": "no", "type": "invalid_request_error", "param": "voice", "code": code}}
+    client, _, _ = make_client([json_answer(400, doc)])
+    with pytest.raises(cls) as info:
+        client.generate(text="hi")
+    assert type(info.value) is cls  # the very class, not only a parent
+    assert isinstance(info.value, errors.InvalidRequestError)  # what older code catches still catches it
+    assert info.value.code == code and info.value.param == "voice" and info.value.status_code == 400
+
+
+def test_in_band_error_line_raises_the_class_of_its_code_with_its_param() -> None:
+    body = ndjson(TextChunk("x"), ErrorChunk(400, "robot_state has shape (9,)", "invalid_shape", param="robot_state"))
+    client, _, _ = make_client([answer(200, body)])
+    stream = client.stream(text="x")
+    next(stream)
+    with pytest.raises(errors.ShapeError, match=r"shape \(9,\)") as info:
+        next(stream)
+    assert info.value.param == "robot_state"
+
+
+def test_api_key_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MSTAR_API_KEY", "from-env")
+    client, adapter, _ = make_client([json_answer(200, {"status": "ready"})])
+    assert client.ready() is True
+    assert adapter.sent[0].headers["Authorization"] == "Bearer from-env"
+
+
+def test_explicit_api_key_wins_over_the_environment_and_empty_sends_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MSTAR_API_KEY", "from-env")
+    client, adapter, _ = make_client([json_answer(200, {"status": "ready"})], api_key="given")
+    client.ready()
+    assert adapter.sent[0].headers["Authorization"] == "Bearer given"
+    client, adapter, _ = make_client([json_answer(200, {"status": "ready"})], api_key="")
+    client.ready()
+    assert "Authorization" not in adapter.sent[0].headers
+
+
+@pytest.mark.parametrize("method", ["ready", "health", "list_models"])
+def test_a_wrong_key_raises_authentication_error_from_every_call(method: str) -> None:
+    doc = {"error": {"message": "missing or invalid API key", "type": "authentication_error", "code": "invalid_api_key"}}
+    client, _, _ = make_client([json_answer(401, doc, {"WWW-Authenticate": "Bearer"})])
+    with pytest.raises(errors.AuthenticationError, match="invalid API key"):
+        getattr(client, method)()
+
+
+@pytest.mark.parametrize("value", [float("nan"), np.array([1.0, np.inf])])
+def test_nan_model_kwargs_are_refused_before_sending_naming_the_key(value: Any) -> None:
+    client, adapter, _ = make_client([])
+    with pytest.raises(errors.InvalidParameterError, match="'state' holds NaN or an infinity") as info:
+        client.generate(text="x", state=value)
+    assert info.value.param == "state" and adapter.sent == []
+
+
+def test_openai_data_url_parts_travel_as_uploads_in_their_place() -> None:
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    msgs = [
+        {"role": "user", "content": [
+            {"type": "image"},
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "compare"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/c.png"}},
+        ]}
+    ]
+    client, adapter, _ = make_client([json_answer(200, GenerateResult("r", text="x").to_json())])
+    client.chat(msgs, images=[("first.jpg", b"\xff\xd8\xff\xe0")])
+    parts = form_parts(adapter.sent[0])
+    sent = json.loads(field(parts, "messages"))
+    # The data URL became a placeholder after the caller's own image; the remote URL is left to the server.
+    assert sent[0]["content"][:3] == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare"}]
+    assert sent[0]["content"][3]["type"] == "image_url"
+    assert [(name, data) for name, data in parts["files"]] == [("first.jpg", b"\xff\xd8\xff\xe0"), ("image.png", png)]
+    assert msgs[0]["content"][1]["type"] == "image_url"  # the caller's messages are not modified

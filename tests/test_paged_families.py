@@ -313,7 +313,10 @@ def test_bagel_guidance_contexts_share_blocks_and_hold_what_they_would_recompute
                 for layer in range(cache.k.shape[0]):
                     k, v = cache.read(layer, ctx.slot)
                     k_ref, v_ref = cache.read(layer, spare)
-                    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+                    # Prefill now runs as one packed forward across requests, whose matmul shapes
+                    # differ from this one-message-at-a-time rebuild: equal to fp32 rounding.
+                    torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
         finally:
             cache.free(spare)
         while not req.done:

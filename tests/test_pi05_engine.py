@@ -272,7 +272,7 @@ def test_missing_task_text_is_refused(engine: Engine) -> None:
 
 def test_pi05_produces_only_actions(engine: Engine) -> None:
     with pytest.raises(UnsupportedModalityError):
-        engine.generate(text="t", images=CAMS, robot_state=STATE)
+        engine.generate(text="t", images=CAMS, robot_state=STATE, output_modalities=("text",))
 
 
 def test_an_overlong_prompt_is_refused_with_the_token_budget(engine: Engine) -> None:

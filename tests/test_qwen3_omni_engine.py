@@ -259,3 +259,91 @@ def test_kv_slots_and_lengths_come_from_the_settings() -> None:
     assert Qwen3OmniRunner(weights="tiny", settings=RunnerSettings()).sizing.max_seq_len == min(8192, limit)
     with pytest.raises(InvalidParameterError):
         Qwen3OmniRunner(weights="tiny", settings=RunnerSettings(max_seq_len=limit + 1))
+
+
+# --------------------------------------------------------------------------- use_audio_in_video
+
+
+@pytest.fixture(scope="module")
+def small_video_budget() -> Any:
+    """A small pixel budget keeps the tiny video runs fast (the layout is what these tests look at)."""
+    from mstar.models.qwen3_omni import processor
+
+    old = processor.VIDEO_MIN_PIXELS
+    processor.VIDEO_MIN_PIXELS = 64 * 64
+    yield
+    processor.VIDEO_MIN_PIXELS = old
+
+
+def _video_inputs(data: bytes) -> Any:
+    from mstar.media import MediaItem
+    from mstar.request import RequestInputs
+
+    return RequestInputs(text="What do you hear?", video=[MediaItem("clip.mp4", data, "video")])
+
+
+@pytest.mark.slow
+def test_use_audio_in_video_hears_the_track_between_the_frames(engine: Any, small_video_budget: Any) -> None:
+    from tests.helpers.media import make_mp4_with_audio
+
+    runner = engine.runner
+    clip = make_mp4_with_audio(4, 64, 2)
+    inputs = _video_inputs(clip)
+    plain = runner.prepare(inputs, ("text",), {})
+    heard = runner.prepare(inputs, ("text",), {"use_audio_in_video": True})
+    audio_pad, video_pad = (runner.cfg["thinker_config"][k] for k in ("audio_token_id", "video_token_id"))
+    assert audio_pad not in plain.ids and not plain.audios
+    (track,) = heard.audios
+    assert heard.ids.count(audio_pad) == track.num_tokens and heard.ids.count(video_pad) == plain.ids.count(video_pad)
+    # Interleaved by time: some audio tokens lie between the video's first and last tokens.
+    first, last = heard.ids.index(video_pad), len(heard.ids) - 1 - heard.ids[::-1].index(video_pad)
+    assert audio_pad in heard.ids[first:last]
+    before = engine.stats()["forwards"].get("audio_encoder", 0)
+    res = engine.generate(video=("clip.mp4", clip), text="What do you hear?", use_audio_in_video=True, max_output_tokens=3, seed=2)
+    assert res.text and res.usage.input_tokens == len(heard.ids)
+    assert engine.stats()["forwards"]["audio_encoder"] == before + 1
+
+
+def test_use_audio_in_video_on_a_silent_clip_sees_the_frames_only(engine: Any, small_video_budget: Any) -> None:
+    from tests.helpers.media import make_mp4
+
+    inputs = _video_inputs(make_mp4(4, 64, 64))
+    runner = engine.runner
+    assert runner.prepare(inputs, ("text",), {"use_audio_in_video": True}).ids == runner.prepare(inputs, ("text",), {}).ids
+
+
+@pytest.mark.slow
+def test_use_audio_in_video_over_generate_and_openai_chat(engine: Any, small_video_budget: Any, tmp_path: Any) -> None:
+    import base64
+
+    import openai
+
+    import mstar
+    from mstar.server import create_app
+    from tests.helpers.media import make_mp4_with_audio
+    from tests.helpers.servers import ServerThread
+
+    clip = make_mp4_with_audio(4, 64, 2)
+    kw: dict[str, Any] = {"max_output_tokens": 3, "seed": 6}
+    local = engine.generate(text="Listen.", video=("clip.mp4", clip), use_audio_in_video=True, **kw)
+    plain = engine.generate(text="Listen.", video=("clip.mp4", clip), **kw)
+    assert local.usage.input_tokens > plain.usage.input_tokens
+    with ServerThread(create_app(engine, upload_dir=tmp_path)) as srv:
+        sdk = mstar.MStarClient(srv.url, timeout=60)
+        served = sdk.generate(text="Listen.", video=("clip.mp4", clip), use_audio_in_video=True, **kw)
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+        chat = client.chat.completions.create(
+            model="qwen3_omni",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Listen."}],  # type: ignore[list-item, misc]
+                }
+            ],
+            max_tokens=3,
+            extra_body={"seed": 6, "use_audio_in_video": True},
+        )
+    assert served.text == local.text and served.usage.input_tokens == local.usage.input_tokens
+    assert chat.usage is not None and chat.usage.prompt_tokens == local.usage.input_tokens
+    assert chat.choices[0].message.content == local.text

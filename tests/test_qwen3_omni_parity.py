@@ -91,18 +91,18 @@ def _fill_rotary(ref: Any) -> None:
             mod.original_inv_freq = inv.clone()
 
 
-def _encode(runner: Any, inputs: RequestInputs) -> Any:
+def _encode(runner: Any, inputs: RequestInputs, **params: Any) -> Any:
     """The runner's prepared prompt (ids, positions, preprocessed media) for ``inputs``."""
-    return runner.prepare(inputs, ("text",), {})
+    return runner.prepare(inputs, ("text",), params)
 
 
 @torch.inference_mode()
-def _prompt_logits(runner: Any, inputs: RequestInputs) -> torch.Tensor:
+def _prompt_logits(runner: Any, inputs: RequestInputs, **params: Any) -> torch.Tensor:
     """Thinker logits [L, V] at every prompt position, run through the Thinker stage on a spare KV slot."""
     from mstar.layers.sampling import SamplingParams
     from mstar.models.qwen3_omni.state import OmniState
 
-    enc = _encode(runner, inputs)
+    enc = _encode(runner, inputs, **params)
     thinker = runner.thinker
     slot = thinker.allocate()
     assert slot is not None, "no free KV slot"
@@ -171,6 +171,75 @@ def test_thinker_video_logits_match_transformers(engine: Any, reference: Any, mo
         video_grid_thw=torch.tensor([vid.grid_thw]),
         video_second_per_grid=torch.tensor([vid.second_per_grid]),
     )
+
+
+def _reference_placeholder(video: Any, audio_tokens: int, position_id_per_seconds: float) -> str:
+    """The placeholder transformers' processor writes for a video heard with its audio track."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_omni_moe.processing_qwen3_omni_moe import Qwen3OmniMoeProcessor
+
+    proc = SimpleNamespace(
+        video_processor=SimpleNamespace(merge_size=2),
+        audio_bos_token="<|audio_start|>",
+        audio_eos_token="<|audio_end|>",
+        video_token="<|video_pad|>",
+        audio_token="<|audio_pad|>",
+    )
+    return str(
+        Qwen3OmniMoeProcessor.replace_video_with_audio_token(
+            proc,  # type: ignore[arg-type]
+            {"video_grid_thw": [torch.tensor(video.grid_thw)], "video_second_per_grid": [video.second_per_grid]},
+            0,
+            {"num_audio_tokens": [audio_tokens]},
+            0,
+            position_id_per_seconds=position_id_per_seconds,
+        )
+    )
+
+
+@pytest.mark.parametrize("seconds", [2.0, 6.0], ids=["track-as-long-as-the-frames", "track-outlasting-the-frames"])
+def test_thinker_video_with_its_audio_track_matches_transformers(
+    engine: Any, reference: Any, monkeypatch: pytest.MonkeyPatch, seconds: float
+) -> None:
+    from mstar.models.qwen3_omni import processor
+    from tests.helpers.media import make_mp4_with_audio
+
+    monkeypatch.setattr(processor, "VIDEO_MIN_PIXELS", 64 * 64)
+    runner = engine.runner
+    th = runner.cfg["thinker_config"]
+    inputs = RequestInputs(text="Describe.", video=[_item("video", "v.mp4", make_mp4_with_audio(4, 64, 2, seconds=seconds))])
+    enc = runner.prepare(inputs, ("text",), {"use_audio_in_video": True})
+    (vid,), (track,) = enc.videos, enc.audios
+    # Input ids: the reference processor's interleaving inside the chat template's video slot.
+    placeholder = _reference_placeholder(vid, track.num_tokens, th["position_id_per_seconds"])
+    prompt = f"<|im_start|>user\n<|vision_start|>{placeholder}<|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n"
+    assert enc.ids == runner.tokenizer.encode(prompt)
+    audio_pad = th["audio_token_id"]
+    assert 0 < enc.ids.count(audio_pad) == track.num_tokens
+    ids = torch.tensor([enc.ids])
+    mel = track.mel
+    grid, spg = torch.tensor([vid.grid_thw]), torch.tensor([vid.second_per_grid])
+    # 3-D positions and the decode offset: the reference's get_rope_index.
+    ref_pos, ref_delta = reference.thinker.get_rope_index(
+        ids, None, grid, torch.ones_like(ids), True, torch.tensor([mel.shape[1]]), spg
+    )
+    torch.testing.assert_close(enc.positions, ref_pos[:, 0].float(), rtol=0, atol=0)
+    assert enc.delta == float(ref_delta[0, 0])
+    # Logits at every prompt position.
+    ours = _prompt_logits(runner, inputs, use_audio_in_video=True)
+    with torch.inference_mode():
+        ref = reference.thinker(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            input_features=mel[None],
+            feature_attention_mask=torch.ones(1, mel.shape[1], dtype=torch.long),
+            pixel_values_videos=vid.pixels,
+            video_grid_thw=grid,
+            video_second_per_grid=spg,
+            use_audio_in_video=True,
+        ).logits[0]
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-3)
 
 
 def test_greedy_thinker_text_matches_transformers_generate(engine: Any, reference: Any) -> None:

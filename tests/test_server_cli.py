@@ -39,8 +39,11 @@ def test_server_answers_while_the_model_loads_then_becomes_ready(monkeypatch: py
     import uvicorn
 
     captured: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
-    assert cli.main(["--model", "fake", "--weights", "tiny", "--upload-dir", str(tmp_path), "--api-key", "k"]) == 0
+    with monkeypatch.context() as patch:  # only the CLI's server is a stand-in; ServerThread's below is real
+        patch.setattr(
+            uvicorn.Server, "run", lambda self, **kw: captured.update(app=self.config.app, host=self.config.host)
+        )
+        assert cli.main(["--model", "fake", "--weights", "tiny", "--upload-dir", str(tmp_path), "--api-key", "k"]) == 0
     assert captured["host"] == "127.0.0.1"
     with ServerThread(captured["app"]) as srv:
         assert requests.get(srv.url + "/health").status_code == 200

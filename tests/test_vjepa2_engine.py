@@ -55,7 +55,7 @@ def test_latents_are_the_encoder_output_of_the_preprocessed_clip(engine: Engine)
 def test_num_frames_and_frame_step_pick_the_frames(engine: Engine) -> None:
     video = make_mp4(8, 32, 32, seed=4)
     assert _latent(engine, video, num_frames=4).shape == (8, 64)
-    assert _latent(engine, video, num_frames=5).shape == (8, 64)  # rounded down to whole tubelets
+    assert _latent(engine, video).shape == (16, 64)  # unset: the whole clip (shorter than frames_per_clip)
     assert _latent(engine, video, frame_step=2).shape == (8, 64)  # 4 of the 8 frames
 
 

@@ -7,6 +7,7 @@ and the stream events), so code moves between the two unchanged.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,19 +17,23 @@ from urllib.parse import quote
 import requests
 
 from mstar._sugar import GenerateSugar
+from mstar.describe import ModelDescription
 from mstar.errors import InvalidRequestError, NotFoundError, ProtocolError, TransportError
 from mstar.media import MediaArg
 from mstar.protocol import check_request_id
 from mstar.types import GenerateResult
 
 from .form import build_form
+from .speech_stream import SpeechStream, open_speech_stream
 from .stream import ClientEventStream
-from .transport import Timeout, Transport, json_body
+from .transport import Timeout, Transport, error_from_response, json_body
 
-__all__ = ["DEFAULT_TIMEOUT", "MStarClient"]
+__all__ = ["API_KEY_ENV", "DEFAULT_TIMEOUT", "MStarClient"]
 
 # (connect, read): fail fast when nobody listens; give slow generations ten minutes.
 DEFAULT_TIMEOUT: tuple[float, float] = (10.0, 600.0)
+#: Read when ``api_key`` is not given: the variable ``mstar-server`` reads its key from.
+API_KEY_ENV = "MSTAR_API_KEY"
 
 
 class MStarClient(GenerateSugar[ClientEventStream]):
@@ -39,6 +44,9 @@ class MStarClient(GenerateSugar[ClientEventStream]):
 
     ``timeout`` is seconds, or a ``(connect, read)`` pair; the read timeout
     bounds the wait for each piece of the answer, not the whole stream.
+    ``api_key`` is sent as a bearer token; when it is None the client reads
+    ``$MSTAR_API_KEY`` (pass ``api_key=""`` to send none). A missing or wrong
+    key raises :class:`~mstar.errors.AuthenticationError` from every call.
     ``429`` and ``503`` answers are retried up to ``retries`` times, waiting
     ``backoff * 2**attempt`` seconds or the server's ``Retry-After``, at most
     ``max_backoff``. ``session`` lets you bring your own ``requests.Session``
@@ -60,7 +68,7 @@ class MStarClient(GenerateSugar[ClientEventStream]):
         self._http = Transport(
             base_url,
             timeout=timeout,
-            api_key=api_key,
+            api_key=os.environ.get(API_KEY_ENV) if api_key is None else api_key,
             retries=retries,
             session=session,
             backoff=backoff,
@@ -70,10 +78,12 @@ class MStarClient(GenerateSugar[ClientEventStream]):
 
     @property
     def base_url(self) -> str:
+        """The server's address, as given (without a trailing slash)."""
         return self._http.base_url
 
     @property
     def session(self) -> requests.Session:
+        """The ``requests.Session`` every call goes through (yours, if you passed one)."""
         return self._http.session
 
     def __repr__(self) -> str:
@@ -88,7 +98,7 @@ class MStarClient(GenerateSugar[ClientEventStream]):
         audio: MediaArg | list[MediaArg] | None = None,
         video: MediaArg | list[MediaArg] | None = None,
         messages: list[dict[str, Any]] | None = None,
-        output_modalities: Sequence[str] | str = ("text",),
+        output_modalities: Sequence[str] | str | None = None,
         input_modalities: Sequence[str] | str | None = None,
         stream: bool = False,
         request_id: str | None = None,
@@ -98,8 +108,9 @@ class MStarClient(GenerateSugar[ClientEventStream]):
 
         Media arguments take a path, raw ``bytes``, a ``(filename, bytes)``
         tuple, or a list of those. Extra keyword arguments are the model's
-        ``model_kwargs`` (``None`` values are dropped). Returns a
-        :class:`GenerateResult`, or with ``stream=True`` a
+        ``model_kwargs`` (``None`` values are dropped). Without ``output_modalities``
+        the server picks what the model always produces (``describe().default_output_modalities``).
+        Returns a :class:`GenerateResult`, or with ``stream=True`` a
         :class:`ClientEventStream` of typed events ending with ``Finished``.
         The request id is made here when not given, so it is known before the
         first event arrives (for :meth:`cancel`).
@@ -132,6 +143,18 @@ class MStarClient(GenerateSugar[ClientEventStream]):
             result.request_id = rid
         return result
 
+    def speech_stream(self, *, voice: str | None = None, seed: int | None = None, **params: Any) -> SpeechStream:
+        """Open a WebSocket speech stream (``/v1/audio/speech/stream``): send text as it is written
+        and receive each sentence's audio as soon as the sentence is complete. ``params`` are
+        further ``session.config`` fields (``temperature``, ``top_p``, ``max_new_tokens``, the
+        model's own parameters). Needs ``pip install websockets``; see :mod:`mstar.client.speech_stream`.
+        """
+        config: dict[str, Any] = {k: v for k, v in {"voice": voice, "seed": seed, **params}.items() if v is not None}
+        connect, read = self._http.timeout if isinstance(self._http.timeout, tuple) else (self._http.timeout,) * 2
+        return open_speech_stream(
+            self.base_url, self._http.headers, connect_timeout=connect, read_timeout=read, config=config
+        )
+
     # ------------------------------------------------------------------ control
     def cancel(self, request_id: str) -> bool:
         """Cancel an in-flight request by id. Returns False if the server no longer knows it."""
@@ -154,11 +177,14 @@ class MStarClient(GenerateSugar[ClientEventStream]):
     def health(self) -> bool:
         """True if the server answers ``GET /health`` with ``{"status": "healthy"}``.
 
-        An unreachable or failing server gives False (never raises), so this
-        can be polled while a server starts.
+        An unreachable or failing server gives False, so this can be polled
+        while a server starts. The one answer that raises is 401/403
+        (:class:`~mstar.errors.AuthenticationError`): waiting will not fix a
+        wrong key (mstar's own ``/health`` needs none, a proxy's may).
         """
         try:
             resp = self._http.request("GET", "/health", retry=False, raise_for_status=False)
+            _raise_for_auth(resp)
             ok = resp.status_code == 200
             doc = json_body(resp)
         except TransportError:
@@ -166,11 +192,17 @@ class MStarClient(GenerateSugar[ClientEventStream]):
         return ok and isinstance(doc, dict) and doc.get("status") == "healthy"
 
     def ready(self) -> bool:
-        """True once the model is loaded and requests are accepted (``GET /ready`` is 200)."""
+        """True once the model is loaded and requests are accepted (``GET /ready`` is 200).
+
+        False while the model loads (503) or the server is unreachable; a
+        missing or wrong API key raises :class:`~mstar.errors.AuthenticationError`
+        instead, since no amount of polling would make it True.
+        """
         try:
             resp = self._http.request("GET", "/ready", retry=False, raise_for_status=False)
         except TransportError:
             return False
+        _raise_for_auth(resp)
         resp.close()
         return resp.status_code == 200
 
@@ -187,9 +219,20 @@ class MStarClient(GenerateSugar[ClientEventStream]):
         if entries:
             return entries
         resp = self._http.request("GET", "/ready", retry=False, raise_for_status=False)
+        _raise_for_auth(resp)
         ready = json_body(resp)
         name = ready.get("model") if isinstance(ready, dict) else None
         return [{"id": name, "object": "model", "owned_by": "mstar"}] if isinstance(name, str) and name else []
+
+    def describe(self) -> ModelDescription:
+        """The served model's inputs, outputs, voices and parameters (``GET /describe``): the same
+        :class:`~mstar.describe.ModelDescription` as ``Engine.describe()``. While the model loads,
+        ``engine`` is None (the registry's description)."""
+        doc = self._http.get_json("/describe")
+        try:
+            return ModelDescription.from_dict(doc)
+        except ValueError as exc:
+            raise ProtocolError(f"/describe did not answer a model description: {exc}") from exc
 
     def close(self) -> None:
         """Close the session (only when the client created it)."""
@@ -200,3 +243,12 @@ class MStarClient(GenerateSugar[ClientEventStream]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_for_auth(resp: requests.Response) -> None:
+    """Raise the server's AuthenticationError for a 401/403 answer of a route read without raising."""
+    if resp.status_code in (401, 403):
+        try:
+            raise error_from_response(resp)
+        finally:
+            resp.close()

@@ -17,6 +17,7 @@ from typing import Any
 
 from mstar.errors import InvalidParameterError, InvalidRequestError, MediaError
 from mstar.media import EXTENSIONS, MediaArg, MediaItem, modality_for_filename, normalize_media
+from mstar.messages import MediaRef, inline_media, place_media
 from mstar.protocol import parse_modalities
 from mstar.sniff import sniff_extension
 
@@ -78,7 +79,11 @@ def encode_model_kwargs(model_kwargs: dict[str, Any]) -> str | None:
     for key, value in kept.items():
         try:
             json.dumps(value, default=_json_default, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except ValueError:  # JSON has no NaN or infinity (the server refuses the tokens): say which kwarg
+            raise InvalidParameterError(
+                f"model kwarg {key!r} holds NaN or an infinity, which cannot be sent as JSON", param=key
+            ) from None
+        except TypeError as exc:
             raise InvalidParameterError(f"model kwarg {key!r} cannot be sent as JSON: {exc}", param=key) from exc
     return json.dumps(kept, default=_json_default, allow_nan=False, separators=(",", ":"))
 
@@ -89,7 +94,7 @@ def build_form(
     images: MediaArg | list[MediaArg] | None,
     audio: MediaArg | list[MediaArg] | None,
     video: MediaArg | list[MediaArg] | None,
-    output_modalities: Sequence[str] | str,
+    output_modalities: Sequence[str] | str | None,
     input_modalities: Sequence[str] | str | None,
     stream: bool,
     request_id: str,
@@ -102,10 +107,13 @@ def build_form(
     data: dict[str, str] = {"streaming": "true" if stream else "false", "request_id": request_id}
     if text is not None:
         data["text"] = text
+    media = {m: normalize_media(arg, m) for m, arg in (("image", images), ("audio", audio), ("video", video))}
     if messages is not None:
         if not isinstance(messages, list):
             raise InvalidRequestError("messages must be a list of {role, content} objects", param="messages")
-        data["messages"] = json.dumps(messages, default=_json_default)
+        # Inline media in OpenAI parts travel as uploads (no base64 in the form); remote URLs are the server's.
+        placed, media = place_media(messages, media, _inline_unless_remote)
+        data["messages"] = json.dumps(placed, default=_json_default)
     outs = join_modalities(output_modalities, "output_modalities")
     if outs is not None:
         data["output_modalities"] = outs
@@ -116,8 +124,12 @@ def build_form(
     if kwargs_json is not None:
         data["model_kwargs"] = kwargs_json
     files: list[FileField] = []
-    for arg, modality in ((images, "image"), (audio, "audio"), (video, "video")):
-        for item in normalize_media(arg, modality):
+    for modality in ("image", "audio", "video"):
+        for item in media[modality]:
             named = name_upload(item)
             files.append(("files", (named.name, named.data, _content_type(named.name))))
     return data, files
+
+
+def _inline_unless_remote(ref: MediaRef) -> MediaItem | None:
+    return None if ref.remote else inline_media(ref)

@@ -4,7 +4,8 @@ Each line is ``{"modality", "data" (base64), "metadata"}`` and turns into the
 very event type the Engine yields (:mod:`mstar.types`). Anything that is not
 the protocol (bad JSON, an unknown modality, a truncated body) raises
 :class:`~mstar.errors.ProtocolError` naming the line; an in-band ``"error"``
-line raises the typed exception of its status. Nothing is ever decoded as
+line raises the typed exception of its ``code`` (or, for a code this side
+does not know, of its status). Nothing is ever decoded as
 text by default.
 """
 
@@ -87,7 +88,7 @@ class WireDecoder:
         except ValueError as exc:
             raise ProtocolError(f"stream line {self._line_no}: {exc}") from exc
         if isinstance(event, ErrorChunk):
-            raise error_for_status(event.status, event.message, code=event.code)
+            raise error_for_status(event.status, event.message, code=event.code, param=event.param)
         out: list[Event] = []
         if isinstance(event, Finished):
             tail = self._utf8.decode(b"", final=True)
@@ -128,6 +129,7 @@ class ClientEventStream(ClosingStream):
 
     @property
     def closed(self) -> bool:
+        """True once the stream was read to its end or closed (its connection is released)."""
         return self._closed
 
     def __iter__(self) -> ClientEventStream:

@@ -1,9 +1,9 @@
 """The HTTP layer of the client: one ``requests.Session``, retries, and typed errors.
 
 Everything ``requests`` can raise is turned into a subclass of
-:class:`mstar.errors.TransportError`, and every HTTP error status into the
-exception :func:`mstar.errors.error_for_status` names, carrying the server's
-own message. ``429`` and ``503`` answers are retried with exponential backoff
+:class:`mstar.errors.TransportError`, and every HTTP error answer into the
+exception :func:`mstar.errors.error_for_status` names for its ``code`` and
+status (the class the Engine raised), carrying the server's own message. ``429`` and ``503`` answers are retried with exponential backoff
 that honours ``Retry-After``.
 """
 
@@ -85,11 +85,9 @@ def _error_fields(resp: requests.Response) -> tuple[str, str | None, str | None]
 def error_from_response(resp: requests.Response) -> MStarError:
     """The typed exception for an HTTP error answer, with the server's message."""
     message, code, param = _error_fields(resp)
-    exc = error_for_status(
-        resp.status_code, message, code=code, retry_after=parse_retry_after(resp.headers.get("Retry-After"))
+    return error_for_status(
+        resp.status_code, message, code=code, param=param, retry_after=parse_retry_after(resp.headers.get("Retry-After"))
     )
-    exc.param = param
-    return exc
 
 
 def transport_error(exc: BaseException, url: str) -> TransportError:

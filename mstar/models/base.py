@@ -54,6 +54,9 @@ class ModelRunner(ABC, Generic[PreparedT, StateT]):
     name: ClassVar[str]
     #: model_kwargs this model honours, with defaults ("seed" and "timeout" are the Engine's).
     params: ClassVar[Mapping[str, Param]] = {}
+    #: True for text to speech: the request's text is spoken word for word, so the Engine may speak
+    #: a long text as sentence-aligned chunks run side by side (mstar/speech/chunked.py).
+    speaks_text: ClassVar[bool] = False
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
         self.weights = weights

@@ -117,11 +117,16 @@ class _Sink(io.RawIOBase):
 class StreamingEncoder:
     """Encode int16 PCM chunk by chunk: ``feed(pcm) -> bytes`` then ``close() -> bytes``.
 
-    The concatenation of everything returned is one valid file of ``fmt``.
+    The concatenation of everything returned is one valid file of ``fmt``. A
+    streamed WAV's header says "unknown length" (its sizes are not known when it
+    goes out); with ``complete=True`` a WAV is held back and :meth:`close`
+    returns the whole file with its real sizes, for responses sent in one piece.
     """
 
-    def __init__(self, fmt: str, sample_rate: int, num_channels: int = 1) -> None:
+    def __init__(self, fmt: str, sample_rate: int, num_channels: int = 1, *, complete: bool = False) -> None:
         self.fmt = fmt
+        self.complete = complete and fmt == "wav"
+        self._held: list[bytes] = []
         self.spec = _spec(fmt)
         self.sample_rate = sample_rate
         self.num_channels = num_channels
@@ -174,6 +179,9 @@ class StreamingEncoder:
         """Encode one chunk of int16 PCM; returns the bytes ready so far (maybe none)."""
         if self._closed:
             raise RuntimeError("encoder is closed")
+        if self.complete:
+            self._held.append(pcm)
+            return b""
         if self.spec.container is None:
             head = b""
             if not self._started and self.fmt == "wav":
@@ -200,6 +208,10 @@ class StreamingEncoder:
         if self._closed:
             return b""
         self._closed = True
+        if self.complete:
+            pcm = b"".join(self._held)
+            self._held.clear()
+            return wav_header(self.sample_rate, self.num_channels, len(pcm)) + pcm
         if self.spec.container is None:
             return b"" if self._started or self.fmt != "wav" else wav_header(self.sample_rate, self.num_channels)
         for out in self._resampler.resample(None):

@@ -37,15 +37,22 @@ from mstar.server.state import ServerState, server_state
 from mstar.server.streaming import AsyncEvents, collect, submit, unless_disconnected
 from mstar.types import Event, GenerateResult
 
-__all__ = ["RouteCall", "auth_guard", "open_call"]
+__all__ = ["RouteCall", "auth_guard", "check_api_key", "open_call"]
 
 R = TypeVar("R")
 
 
 def auth_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     """Bearer-token check on every route but those marked ``opt={"public": True}`` (/health)."""
+    if not handler.opt.get("public"):
+        check_api_key(connection)
+
+
+def check_api_key(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """Raise :class:`AuthenticationError` unless the connection carries the server's bearer token (if
+    it has one). The WebSocket speech stream calls it itself, to report a refusal as an error event."""
     key = server_state(connection).config.api_key
-    if not key or handler.opt.get("public"):
+    if not key:
         return
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

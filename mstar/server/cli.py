@@ -9,7 +9,30 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+from mstar.media_limits import DEFAULT_LIMITS, MediaLimits
+
+__all__ = ["build_parser", "load_failure_message", "main", "media_limits"]
+
+# The media-cap flags: (flag, type, help); each sets the MediaLimits field of the same name.
+_MEDIA_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--max-image-pixels", int, "pixels (width x height) of an image or a video frame"),
+    ("--max-image-side", int, "pixels on the longer side of an image or a video frame"),
+    ("--max-audio-seconds", float, "duration of an audio input (and of a video's audio track)"),
+    ("--max-video-seconds", float, "duration of a video"),
+    ("--max-video-frames", int, "frames in a video"),
+    ("--max-decoded-mb", float, "MiB one input decodes to (RGBA pixels, mono float32 samples, RGB frames)"),
+)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help, unless the help already says its default
+    (in words: "cuda if available", "$MSTAR_API_KEY") or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mstar-server",
         description="Serve one mstar model: native POST /generate (JSON or NDJSON), GET /health, GET /ready, "
         "POST /cancel/{request_id}, and OpenAI-compatible routes under /v1 for models that have an adapter.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", required=True, help="model family to serve (see mstar.list_models()), e.g. orpheus")
     p.add_argument("--weights", default=None,
@@ -49,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where request media is saved while a request runs; files are deleted when it ends "
                    "(default: a fresh temporary directory)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest accepted media file; bigger gets 413")
+    caps = p.add_argument_group(
+        "media caps", "what one media input may decode to, checked from its header and while decoding; over a cap "
+        "gets 413 (mstar.media_limits.MediaLimits; unset keeps the default shown)"
+    )
+    for flag, kind, help_text in _MEDIA_FLAGS:
+        caps.add_argument(flag, type=kind, default=getattr(DEFAULT_LIMITS, _field(flag)), help=help_text)
     p.add_argument("--max-concurrent", type=int, default=16, help="requests running on the model at once")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot; beyond this the server answers 429 with Retry-After")
@@ -60,8 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("MSTAR_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $MSTAR_API_KEY, "
                    "else no auth)")
+    p.add_argument("--speech-chunk-chars", type=int, default=400,
+                   help="text-to-speech models speak a longer text as sentence-aligned chunks of at most this "
+                   "many characters, run side by side and streamed in order (0 speaks every text as one prompt)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
     return p
+
+
+def media_limits(args: argparse.Namespace) -> MediaLimits:
+    """The media caps the flags ask for; InvalidParameterError if one is not positive."""
+    return MediaLimits(**{_field(flag): getattr(args, _field(flag)) for flag, _, _ in _MEDIA_FLAGS})
+
+
+def _field(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_concurrent < 1 or args.max_queue < 0 or args.max_upload_mb <= 0:
         print("mstar-server: --max-concurrent must be >= 1, --max-queue >= 0 and --max-upload-mb > 0", file=sys.stderr)
         return 2
+    try:
+        limits = media_limits(args)
+    except MStarError as exc:
+        print(f"mstar-server: --{(exc.param or '').replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
 
     def load():  # type: ignore[no-untyped-def]
         from mstar.engine import Engine
@@ -105,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_cache_tokens=args.kv_cache_tokens,
             kv_block_size=args.kv_block_size,
             batch_invariant=args.batch_invariant,
+            media_limits=limits,
+            speech_chunk_chars=args.speech_chunk_chars,
         )
 
     config = ServerConfig(
@@ -116,10 +164,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=args.api_key,
         body_timeout=args.body_timeout or None,
     )
+    failed: list[BaseException] = []
+
+    def load_or_stop():  # type: ignore[no-untyped-def]
+        try:
+            return load()
+        except BaseException as exc:
+            # A server whose model cannot load would answer 503 forever: stop it and say why (below).
+            failed.append(exc)
+            server.should_exit = True
+            raise
+
     # The model loads on a background thread: /health answers at once, /ready says 503 until loaded.
-    app = create_app(load, model=args.model, config=config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(load_or_stop, model=args.model, config=config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    server.run()
+    if failed:
+        print(load_failure_message(args.model, failed[0]), file=sys.stderr)
+        return 1
     return 0
+
+
+def load_failure_message(model: str, exc: BaseException) -> str:
+    """The last line a server whose model failed to load prints, in the CLI's spelling (``--weights``)."""
+    from mstar.errors import MStarError, WeightsError
+    from mstar.weights import CLI_WEIGHTS_HINT, WEIGHTS_HINT
+
+    text = str(exc).replace(WEIGHTS_HINT, CLI_WEIGHTS_HINT)
+    if not isinstance(exc, MStarError):
+        text = f"{type(exc).__name__}: {text}"
+    if isinstance(exc, WeightsError) and CLI_WEIGHTS_HINT not in text:
+        text += f" {CLI_WEIGHTS_HINT}"
+    return f"mstar-server: model {model!r} could not be loaded, so the server stopped: {text}"
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from mstar.errors import (
+from mstar.errors import (  # BodyTimeoutError, MethodNotAllowedError: defined with the others, re-exported here
+    BodyTimeoutError,
     InvalidRequestError,
+    MethodNotAllowedError,
     MStarError,
     NotFoundError,
     PayloadTooLargeError,
@@ -39,18 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("mstar.server")
-
-
-class MethodNotAllowedError(RequestError):
-    status_code = 405
-    code = "method_not_allowed"
-
-
-class BodyTimeoutError(RequestError):
-    """The client did not deliver its request body within the server's body timeout."""
-
-    status_code = 408
-    code = "body_timeout"
 
 
 def as_mstar_error(exc: BaseException) -> MStarError:
@@ -119,10 +109,17 @@ def error_response(exc: BaseException) -> Response[Any]:
 def error_chunk(exc: BaseException) -> ErrorChunk:
     """The in-band NDJSON error line for ``exc`` (after streaming began)."""
     err = as_mstar_error(exc)
-    return ErrorChunk(status=err.status_code, message=err.message, code=str(err.code))
+    return ErrorChunk(status=err.status_code, message=err.message, code=str(err.code), param=err.param)
 
 
 def _handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, HTTPException) and exc.status_code == 413:
+        limit = getattr(request.app, "request_max_body_size", None)
+        if isinstance(limit, int) and limit > 0:
+            exc = PayloadTooLargeError(
+                f"the request body is larger than this server's {limit / (1024 * 1024):.3g} MiB body limit "
+                "(six uploads of --max-upload-mb, plus 1 MiB for the other fields)"
+            )
     if isinstance(exc, HTTPException) and exc.status_code in (404, 405):
         # Litestar's own text ("Not Found") does not say what was not found.
         what = "no such route" if exc.status_code == 404 else "method not allowed on"

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -258,19 +259,52 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def __init__(self, host: str, ip: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
+        self.raw_sock: socket.socket | None = None  # the TCP socket, for the watchdog
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((self._ip, self.port), self.timeout)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, ip: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self._ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.raw_sock = sock = socket.create_connection((self._ip, self.port), self.timeout)
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+class _Watchdog:
+    """Shuts a fetch's socket down when its total deadline passes, whatever the fetch is blocked on.
+
+    Socket timeouts bound each wait for bytes, not the whole transfer: a server sending one byte
+    every half second never trips them. The watchdog does, so a fetch holds its worker thread for
+    at most the deadline (connect, TLS, headers and body together).
+    """
+
+    def __init__(self, conn: _PinnedHTTPConnection | _PinnedHTTPSConnection, deadline: float) -> None:
+        self.conn = conn
+        self.fired = False
+        self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self.conn.raw_sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv on this socket at once
+            except OSError:
+                pass
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
 
 
 def fetch_remote(
@@ -283,10 +317,13 @@ def fetch_remote(
 ) -> tuple[bytes, str]:
     """Download a public http(s) URL; returns ``(bytes, extension)``.
 
-    Redirects are followed by hand so each hop is checked; the total time and
-    size are capped. ``resolve`` is a seam for tests.
+    Redirects are followed by hand so each hop is checked; the size is capped,
+    and so is the total time, however slowly the server sends (see
+    :class:`_Watchdog`). ``resolve`` is a seam for tests.
     """
     deadline = time.monotonic() + timeout
+    shown = _shown_url(url)
+    too_slow = f"fetching remote media {shown} took longer than the {timeout:g} s limit"
     for _ in range(max_redirects + 1):
         if len(url) > MAX_URL_CHARS:
             raise MediaError(f"remote media URL is {len(url)} characters long; at most {MAX_URL_CHARS} are accepted")
@@ -294,19 +331,20 @@ def fetch_remote(
             parts = urlsplit(url)
             given_port = parts.port  # raises for a port that is not a number in 0..65535
         except ValueError as exc:
-            raise MediaError(f"remote media URL {url!r} is malformed: {exc}") from None
+            raise MediaError(f"remote media URL {_shown_url(url)} is malformed: {exc}") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
-            raise MediaError(f"remote media URL {url!r} must be http(s) with a host")
+            raise MediaError(f"remote media URL {_shown_url(url)} must be http(s) with a host")
         if parts.username or parts.password:
             raise MediaError("remote media URLs with credentials are not accepted")
         port = given_port or (443 if scheme == "https" else 80)
         ips = resolve(parts.hostname, port)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise MediaError(f"fetching {url!r} took longer than {timeout} s")
+            raise MediaError(too_slow)
         conn_cls = _PinnedHTTPSConnection if scheme == "https" else _PinnedHTTPConnection
         conn = conn_cls(parts.hostname, ips[0], port, left)
+        watchdog = _Watchdog(conn, deadline).__enter__()
         try:
             path = parts.path or "/"
             if parts.query:
@@ -315,39 +353,74 @@ def fetch_remote(
                 conn.request("GET", path, headers={"User-Agent": "mstar-server", "Accept": "*/*"})
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                raise MediaError(f"fetching remote media {url!r} failed: {exc}") from None
+                if watchdog.fired or isinstance(exc, TimeoutError):  # each wait is bounded by the time left
+                    raise MediaError(too_slow) from None
+                raise MediaError(f"fetching remote media {_shown_url(url)} failed: {_net_words(exc)}") from None
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
-                    raise MediaError(f"remote media {url!r} redirected without a Location")
+                    raise MediaError(f"remote media {_shown_url(url)} redirected without a Location")
                 url = urljoin(url, location)
                 continue
             if resp.status != 200:
-                raise MediaError(f"remote media {url!r} answered HTTP {resp.status}")
-            length = resp.getheader("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise PayloadTooLargeError(f"remote media {url!r} is larger than the {_mib(max_bytes)} upload limit")
+                raise MediaError(f"remote media {_shown_url(url)} answered HTTP {resp.status}")
+            length = (resp.getheader("Content-Length") or "").strip()
+            if len(length) > 20 or (length and re.fullmatch(r"[0-9]+", length) and int(length) > max_bytes):
+                raise PayloadTooLargeError(f"remote media {_shown_url(url)} is larger than the {_mib(max_bytes)} upload limit")
             chunks: list[bytes] = []
             total = 0
             while True:
-                if time.monotonic() > deadline:
-                    raise MediaError(f"fetching {url!r} took longer than {timeout} s")
+                left = deadline - time.monotonic()
+                if left <= 0 or watchdog.fired:
+                    raise MediaError(too_slow)
                 try:
-                    chunk = resp.read(65536)
+                    if conn.sock is not None:
+                        conn.sock.settimeout(left)
+                    chunk = resp.read1(65536)  # what has arrived (one read), not a wait for 64 KiB
                 except (OSError, http.client.HTTPException) as exc:
-                    raise MediaError(f"reading remote media {url!r} failed: {exc}") from None
+                    if watchdog.fired or isinstance(exc, TimeoutError):
+                        raise MediaError(too_slow) from None
+                    raise MediaError(f"reading remote media {_shown_url(url)} failed: {_net_words(exc)}") from None
                 if not chunk:
+                    if watchdog.fired:  # the shut-down socket reads as end of data
+                        raise MediaError(too_slow)
                     break
                 total += len(chunk)
                 if total > max_bytes:
-                    raise PayloadTooLargeError(f"remote media {url!r} is larger than the {_mib(max_bytes)} upload limit")
+                    raise PayloadTooLargeError(f"remote media {_shown_url(url)} is larger than the {_mib(max_bytes)} upload limit")
                 chunks.append(chunk)
             data = b"".join(chunks)
             ctype = resp.getheader("Content-Type") or ""
             ext = _MIME_EXT.get(ctype.split(";")[0].strip().lower()) or os.path.splitext(parts.path)[1] or sniff_extension(data)
             if not ext:
-                raise MediaError(f"cannot tell the media type of {url!r}")
+                raise MediaError(f"cannot tell the media type of {_shown_url(url)}")
             return data, ext
         finally:
+            watchdog.__exit__()
             conn.close()
-    raise MediaError(f"remote media {url!r} redirected more than {max_redirects} times")
+    raise MediaError(f"remote media {_shown_url(url)} redirected more than {max_redirects} times")
+
+
+def _shown_url(url: str) -> str:
+    return repr(url) if len(url) <= 200 else repr(url[:197] + "...")
+
+
+def _net_words(exc: BaseException) -> str:
+    """A network failure in our words: no errno numbers or library class names."""
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "the server did not answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "the connection was refused"
+    if isinstance(exc, ConnectionResetError):
+        return "the server closed the connection"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "its TLS certificate could not be verified"
+    if isinstance(exc, ssl.SSLError):
+        return "the TLS handshake failed"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the server sent less data than it announced"
+    if isinstance(exc, (http.client.RemoteDisconnected, http.client.BadStatusLine)):
+        return "the server closed the connection without a valid HTTP answer"
+    if isinstance(exc, http.client.HTTPException):
+        return "the server's answer is not valid HTTP"
+    return "the connection failed"

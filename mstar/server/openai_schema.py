@@ -10,13 +10,14 @@ adapter to pass through as model_kwargs or refuse.
 
 from __future__ import annotations
 
-import json
-import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from mstar.errors import InvalidParameterError, InvalidRequestError
+from mstar.server import fields
+from mstar.server.jsonio import loads_strict
 
 __all__ = [
     "ChatRequest",
@@ -85,57 +86,17 @@ class ImageEditRequest(ImageRequest):
 
 # --------------------------------------------------------------------------- field helpers
 
+_str = fields.string
+_bool = fields.boolean
+_number = fields.number
+_int = fields.integer
 
-def _str(body: dict[str, Any], key: str, *, required: bool = False, default: str | None = None) -> str | None:
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise InvalidRequestError(f"'{key}' is required", param=key)
-        return default
-    if not isinstance(value, str):
-        raise InvalidParameterError(f"'{key}' must be a string, got {type(value).__name__}", param=key)
-    return value
+#: The largest seed accepted (the Engine's range is 0 .. 2**63-1).
+SEED_MAX = 2**63 - 1
 
 
-def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidParameterError(f"'{key}' must be a boolean, got {value!r}", param=key)
-    return value
-
-
-def _number(body: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidParameterError(f"'{key}' must be a number, got {value!r}", param=key)
-    if not lo <= value <= hi:
-        raise InvalidParameterError(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-    return float(value)
-
-
-def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameterError(f"'{key}' must be an integer, got {value!r}", param=key)
-    if not lo <= value <= hi:
-        raise InvalidParameterError(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-    return value
-
-
-def _choice(value: str, key: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise InvalidParameterError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}", param=key)
-    return value
-
-
-def _extra(body: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in fields and v is not None}
+def _extra(body: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in names and v is not None}
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +105,7 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         v = _number(body, key, lo, hi)
         if v is not None:
             out[key] = v
-    seed = _int(body, "seed", 0, 2**63 - 1)
+    seed = _int(body, "seed", 0, SEED_MAX)
     if seed is not None:
         out["seed"] = seed
     return out
@@ -160,31 +121,41 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
         raise InvalidRequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
     if _int(body, "n", 1, 1) not in (None, 1):
         raise InvalidParameterError("'n' must be 1", param="n")
+    stream = _bool(body, "stream", False)
     opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise InvalidParameterError("'stream_options' must be an object", param="stream_options")
-    include_usage = _bool(opts or {}, "include_usage", False)
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise InvalidParameterError("'stream_options' must be an object", param="stream_options")
+        if not stream:  # as OpenAI answers: the options of a stream that was not asked for
+            raise InvalidParameterError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        fields.refuse_unknown(opts, ("include_usage",), "'stream_options'")
+    include_usage = _bool(opts or {}, "include_usage", False, param="stream_options.include_usage")
     modalities_raw = body.get("modalities")
     if modalities_raw is None:
         modalities: tuple[str, ...] = ("text",)
     elif isinstance(modalities_raw, list) and modalities_raw and all(m in ("text", "audio") for m in modalities_raw):
         modalities = tuple(dict.fromkeys(modalities_raw))
     else:
-        raise InvalidParameterError(f"'modalities' must be a list of 'text' and 'audio', got {modalities_raw!r}", param="modalities")
+        raise InvalidParameterError(f"'modalities' must be a list of 'text' and 'audio', got {modalities_raw!r}"[:200], param="modalities")
     audio = body.get("audio")
     voice, fmt = None, "wav"
     if audio is not None:
         if not isinstance(audio, dict):
             raise InvalidParameterError("'audio' must be an object {voice, format}", param="audio")
-        voice = _str(audio, "voice")
-        fmt = _choice(_str(audio, "format", default="wav") or "wav", "audio.format", CHAT_AUDIO_FORMATS)
+        fields.refuse_unknown(audio, ("voice", "format"), "'audio'")
+        voice = _str(audio, "voice", param="audio.voice")
+        fmt = fields.choice(audio, "format", CHAT_AUDIO_FORMATS, "wav", param="audio.format")
     sampling = _sampling(body)
-    max_tokens = _int(body, "max_completion_tokens", 1, 10_000_000)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1, 10_000_000)
+    # Both spellings are checked: a bad value is refused even when the other one is fine.
+    new = _int(body, "max_completion_tokens", 1, 10_000_000)
+    old = _int(body, "max_tokens", 1, 10_000_000)
+    if new is not None and old is not None and new != old:
+        raise InvalidParameterError(
+            f"'max_tokens' ({old}) and 'max_completion_tokens' ({new}) disagree; send one of them", param="max_tokens"
+        )
+    max_tokens = new if new is not None else old
     if max_tokens is not None:
         sampling["max_tokens"] = max_tokens
-    stream = _bool(body, "stream", False)
     if "audio" in modalities and stream and fmt != "pcm16":
         raise InvalidParameterError("streamed chat audio is sent as pcm16 chunks; set audio.format to 'pcm16'", param="audio.format")
     return ChatRequest(
@@ -210,56 +181,79 @@ def parse_speech(body: dict[str, Any]) -> SpeechRequest:
         model=model,
         input=text,
         voice=_str(body, "voice"),
-        response_format=_choice(_str(body, "response_format", default="mp3") or "mp3", "response_format", SPEECH_FORMATS),
+        response_format=fields.choice(body, "response_format", SPEECH_FORMATS, "mp3"),
         speed=1.0 if speed is None else speed,
-        stream_format=_choice(_str(body, "stream_format", default="audio") or "audio", "stream_format", ("audio", "sse")),
+        stream_format=fields.choice(body, "stream_format", ("audio", "sse"), "audio"),
         instructions=_str(body, "instructions"),
         sampling=_sampling(body),
         extra=_extra(body, SpeechRequest.FIELDS),
     )
 
 
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+
 def _size(value: Any) -> tuple[int, int] | None:
     if value is None or value == "auto":
         return None
-    if isinstance(value, str) and "x" in value:
-        w, _, h = value.partition("x")
-        if w.isdigit() and h.isdigit() and 16 <= int(w) <= 4096 and 16 <= int(h) <= 4096:
-            return int(w), int(h)
-    raise InvalidParameterError(f"'size' must be 'auto' or 'WIDTHxHEIGHT' (16..4096 each), got {value!r}", param="size")
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m is not None and 16 <= int(m.group(1)) <= 4096 and 16 <= int(m.group(2)) <= 4096:
+        return int(m.group(1)), int(m.group(2))
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise InvalidParameterError(f"'size' must be 'auto' or 'WIDTHxHEIGHT' (16..4096 each), got {shown}", param="size")
 
 
 def _image_common(body: dict[str, Any]) -> dict[str, Any]:
     fmt = _str(body, "response_format", default="b64_json")
     if fmt != "b64_json":
         raise InvalidParameterError(
-            f"'response_format' must be 'b64_json' (this server does not host image URLs), got {fmt!r}", param="response_format"
+            f"'response_format' must be 'b64_json' (this server does not host image URLs), got {fmt!r}"[:200], param="response_format"
         )
     prompt = _str(body, "prompt", required=True) or ""
-    n = _int(body, "n", 1, 10)
-    return {"model": _str(body, "model", required=True) or "", "prompt": prompt, "n": n or 1, "size": _size(body.get("size")), "sampling": _sampling(body)}
+    n = _int(body, "n", 1, 10) or 1
+    sampling = _sampling(body)
+    seed = sampling.get("seed")
+    if seed is not None and seed + n - 1 > SEED_MAX:
+        # Image i runs with seed + i: every one of them must be a seed the client may send.
+        raise InvalidParameterError(f"'seed' + 'n' - 1 must be at most 2**63-1 (image i uses seed + i); got seed {seed} with n {n}",
+                                    param="seed")
+    return {"model": _str(body, "model", required=True) or "", "prompt": prompt, "n": n, "size": _size(body.get("size")), "sampling": sampling}
 
 
 def parse_image(body: dict[str, Any]) -> ImageRequest:
     return ImageRequest(**_image_common(body), extra=_extra(body, ImageRequest.FIELDS))
 
 
-def _form_value(value: str) -> Any:
-    """Form fields are strings: numbers, booleans, arrays and objects are read as JSON."""
+# Form fields that hold plain text, never JSON; the others are read as JSON when they look like it.
+_TEXT_FORM_FIELDS = ("model", "prompt", "size", "response_format", "user")
+_FORM_INT = re.compile(r"-?[0-9]+")
+_FORM_FLOAT = re.compile(r"-?[0-9]+\.[0-9]+(?:[eE][-+]?[0-9]+)?|-?[0-9]+[eE][-+]?[0-9]+")
+
+
+def _form_value(key: str, value: str) -> Any:
+    """A form field is text: arrays, objects, numbers and booleans written as (strict) JSON are read as such.
+
+    Numbers must be ASCII (``"²"`` stays text, and is then refused where a number is needed), so
+    what a JSON body would refuse is refused from a form too.
+    """
     text = value.strip()
-    if text[:1] in "[{" or text in ("true", "false", "null") or text.lstrip("-").replace(".", "", 1).isdigit():
-        try:
-            return json.loads(text)
-        except ValueError:
-            return value
+    if text[:1] in "[{" or text in ("true", "false", "null"):
+        return loads_strict(text, f"form field {key!r}", param=key)
+    if _FORM_INT.fullmatch(text):
+        return fields.parse_int_text(text, key)
+    if _FORM_FLOAT.fullmatch(text):
+        return fields.parse_number_text(text, key)
     return value
 
 
-def parse_edit_form(fields: dict[str, str], images: list[Path]) -> ImageEditRequest:
+def parse_edit_form(form_fields: dict[str, str], images: list[Path]) -> ImageEditRequest:
     """The text fields of an image-edit multipart form (files already saved)."""
-    body: dict[str, Any] = {k: (_form_value(v) if k not in ("model", "prompt", "size", "response_format") else v) for k, v in fields.items()}
+    body: dict[str, Any] = {k: (v if k in _TEXT_FORM_FIELDS else _form_value(k, v)) for k, v in form_fields.items()}
     if "mask" in body:
         raise InvalidParameterError("'mask' is not supported; describe the edit in the prompt", param="mask")
+    for name in ("image", "image[]"):
+        if name in body:
+            raise InvalidParameterError(f"'{name}' must be an uploaded file (with a filename), not a text field", param=name)
     if not images:
         raise InvalidRequestError("image edits need at least one 'image' file", param="image")
     return ImageEditRequest(**_image_common(body), extra=_extra(body, ImageEditRequest.FIELDS), images=images)

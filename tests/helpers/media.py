@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-__all__ = ["make_mp4", "make_png", "make_wav", "media_recipe", "png_bytes"]
+__all__ = ["make_mp4", "make_mp4_with_audio", "make_png", "make_wav", "media_recipe", "png_bytes"]
 
 
 def png_bytes(width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -52,6 +52,40 @@ def make_mp4(frames: int = 4, w: int = 32, h: int = 32, *, fmt: str = "mp4", cod
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def make_mp4_with_audio(frames: int = 4, size: int = 64, fps: int = 2, *, seconds: float | None = None) -> bytes:
+    """An MP4 of random ``size x size`` frames (MPEG-4) and a 16 kHz mono AAC track of a 330 Hz tone.
+
+    The track lasts ``seconds`` (default: as long as the frames).
+    """
+    import av
+    import numpy as np
+
+    sr = 16000
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        video: Any = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = size, size, "yuv420p"
+        audio: Any = container.add_stream("aac", rate=sr)
+        audio.layout = "mono"
+        rng = np.random.default_rng(3)
+        for _ in range(frames):
+            img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        t = np.arange(int(sr * (frames / fps if seconds is None else seconds))) / sr
+        wave = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+        for start in range(0, len(wave), 1024):
+            frame = av.AudioFrame.from_ndarray(wave[None, start : start + 1024], format="flt", layout="mono")
+            frame.sample_rate = sr
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
             container.mux(packet)
     return buf.getvalue()
 

@@ -3,14 +3,19 @@
 A *context* is one KV slot plus the next RoPE position. Text segments are
 causal and use the understanding expert; image segments are bidirectional,
 share one RoPE position, and (for VAE latents) route the latent tokens to the
-generation expert. Velocity prediction batches any number of rows (requests
-times guidance branches), each attending to its own context; those tokens
-are written to the cache transiently and never committed.
+generation expert. Prefill packs every segment a context receives into one
+row (:class:`PrefillRow`) and runs any number of rows (contexts of different
+requests) in one forward, under a block mask: a token sees the context
+before the row, every earlier segment of its row, and its own segment
+causally (text) or whole (images), which is what appending the segments one
+forward at a time gives. Velocity prediction batches any number of rows
+(requests times guidance branches), each attending to its own context; those
+tokens are written to the cache transiently and never committed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,7 +27,7 @@ from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.model import Bagel
 from mstar.models.bagel.vit import grid_position_ids, patchify_image
 
-__all__ = ["BagelForward", "Context", "LatentRow"]
+__all__ = ["BagelForward", "Context", "LatentRow", "PrefillRow"]
 
 
 @dataclass(slots=True)
@@ -39,6 +44,36 @@ class LatentRow:
 
     ctx: Context
     latents: torch.Tensor
+
+
+@dataclass(slots=True)
+class PrefillRow:
+    """The segments one context receives in a prefill forward, in order; ``rope`` is the next RoPE position.
+
+    The context's own ``rope`` advances to ``rope`` once the forward has run.
+    """
+
+    ctx: Context
+    rope: int
+    embeds: list[torch.Tensor] = field(default_factory=list)  # [n_i, H] per segment
+    ropes: list[torch.Tensor] = field(default_factory=list)  # [n_i] long RoPE positions
+    gen: list[torch.Tensor] = field(default_factory=list)  # [n_i] bool: generation-expert tokens
+    causal: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def after(cls, ctx: Context) -> PrefillRow:
+        """An empty row appending to ``ctx``."""
+        return cls(ctx, ctx.rope)
+
+    @property
+    def length(self) -> int:
+        return sum(e.shape[0] for e in self.embeds)
+
+    def add(self, x: torch.Tensor, rope: torch.Tensor, gen: torch.Tensor | None, *, causal: bool) -> None:
+        self.embeds.append(x)
+        self.ropes.append(rope)
+        self.gen.append(gen if gen is not None else torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        self.causal.append(causal)
 
 
 class BagelForward:
@@ -64,31 +99,16 @@ class BagelForward:
         emb = self.lm.embed(ids)
         return emb[0:1], emb[1:2]
 
-    def _run(
-        self, ctx: Context, x: torch.Tensor, gen_mask: torch.Tensor | None, *, causal: bool, rope: torch.Tensor
-    ) -> torch.Tensor:
-        batch = AttnBatch.build(self.cache, [ctx.slot], [x.shape[0]], device=self.device, causal=causal)
-        out = self.lm(
-            x[None],
-            rope_positions=rope[None],
-            gen_mask=None if gen_mask is None else gen_mask[None],
-            cache=self.cache,
-            batch=batch,
-        )
-        batch.commit(self.cache)
-        return out[0]
-
-    # ------------------------------------------------------------------ context parts
-    def text(self, ctx: Context, ids: list[int]) -> None:
-        """Append ``<|im_start|> ids <|im_end|>`` (causal, understanding expert)."""
+    # ------------------------------------------------------------------ prefill segments
+    def text_segment(self, row: PrefillRow, ids: list[int]) -> None:
+        """Add ``<|im_start|> ids <|im_end|>`` to ``row`` (causal, understanding expert)."""
         full = [self.cfg.bos_token_id, *ids, self.cfg.eos_token_id]
         x = self.lm.embed(torch.tensor(full, device=self.device))
-        rope = torch.arange(ctx.rope, ctx.rope + len(full), device=self.device)
-        self._run(ctx, x, None, causal=True, rope=rope)
-        ctx.rope += len(full)
+        row.add(x, torch.arange(row.rope, row.rope + len(full), device=self.device), None, causal=True)
+        row.rope += len(full)
 
-    def vit_image(self, ctx: Context, image: torch.Tensor) -> None:
-        """Append an image for understanding: SigLIP features between vision markers, one RoPE position."""
+    def vit_segment(self, row: PrefillRow, image: torch.Tensor) -> None:
+        """Add an image for understanding to ``row``: SigLIP features between vision markers, one RoPE position."""
         p = self.cfg.vit.patch_size
         _, h, w = image.shape
         patches = patchify_image(image.to(self.device, self.dtype), p)
@@ -96,9 +116,55 @@ class BagelForward:
         feats = self.model.embed_vit(patches, pos).to(self.dtype)
         start, end = self._markers()
         x = torch.cat([start, feats, end])
-        rope = torch.full((x.shape[0],), ctx.rope, device=self.device)
-        self._run(ctx, x, None, causal=False, rope=rope)
-        ctx.rope += 1
+        row.add(x, torch.full((x.shape[0],), row.rope, device=self.device), None, causal=False)
+        row.rope += 1
+
+    def vae_segment(self, row: PrefillRow, tokens: torch.Tensor, h: int, w: int) -> None:
+        """Add a clean VAE image (time 0) for editing to ``row``: generation expert on its latent tokens."""
+        x, gen = self._latent_row(self.latent_embeddings(tokens, 0.0, h, w))
+        row.add(x, torch.full((x.shape[0],), row.rope, device=self.device), gen, causal=False)
+        row.rope += 1
+
+    def prefill(self, rows: list[PrefillRow]) -> None:
+        """Append every row's segments to its context in ONE forward (rows: distinct slots).
+
+        Each row is padded to the longest; the block mask (see the module docstring) keeps rows
+        and segments apart as appending the segments one at a time would.
+        """
+        rows = [r for r in rows if r.embeds]
+        if not rows:
+            return
+        dev = self.device
+        lens = [r.length for r in rows]
+        b, t = len(rows), max(lens)
+        x = torch.zeros(b, t, self.cfg.llm.hidden_size, device=dev, dtype=self.dtype)
+        rope = torch.zeros(b, t, dtype=torch.long, device=dev)
+        gen = torch.zeros(b, t, dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            n = lens[i]
+            x[i, :n] = torch.cat(r.embeds).to(self.dtype)
+            rope[i, :n] = torch.cat(r.ropes)
+            rope[i, n:] = rope[i, n - 1]
+            gen[i, :n] = torch.cat(r.gen)
+        batch = AttnBatch.build(self.cache, [r.ctx.slot for r in rows], lens, device=dev)
+        mask = _block_mask(rows, batch, device=dev)
+        self.lm(x, rope_positions=rope, gen_mask=gen, cache=self.cache, batch=batch, mask=mask)
+        batch.commit(self.cache)
+        for r in rows:
+            r.ctx.rope = r.rope
+
+    # ------------------------------------------------------------------ one context part at a time
+    def text(self, ctx: Context, ids: list[int]) -> None:
+        """Append ``<|im_start|> ids <|im_end|>`` to ``ctx`` now (causal, understanding expert)."""
+        row = PrefillRow.after(ctx)
+        self.text_segment(row, ids)
+        self.prefill([row])
+
+    def vit_image(self, ctx: Context, image: torch.Tensor) -> None:
+        """Append an image for understanding to ``ctx`` now."""
+        row = PrefillRow.after(ctx)
+        self.vit_segment(row, image)
+        self.prefill([row])
 
     def encode_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A [-1, 1] image [3, H, W] to clean latent tokens [(H/16)*(W/16), p*p*z]."""
@@ -106,12 +172,10 @@ class BagelForward:
         return patchify_latent(latent, self.cfg.latent_patch_size)
 
     def vae_image(self, ctx: Context, tokens: torch.Tensor, h: int, w: int) -> None:
-        """Append a clean VAE image (time 0) for editing: generation expert on its latent tokens."""
-        x = self.latent_embeddings(tokens, 0.0, h, w)
-        self._run(
-            ctx, *self._latent_row(x), causal=False, rope=torch.full((x.shape[0] + 2,), ctx.rope, device=self.device)
-        )
-        ctx.rope += 1
+        """Append a clean VAE image (time 0) for editing to ``ctx`` now."""
+        row = PrefillRow.after(ctx)
+        self.vae_segment(row, tokens, h, w)
+        self.prefill([row])
 
     # ------------------------------------------------------------------ generation
     def latent_embeddings(self, tokens: torch.Tensor, t: float, h: int, w: int) -> torch.Tensor:
@@ -163,3 +227,20 @@ class BagelForward:
         img = self.vae.decode(latent[None].to(self.device, torch.float32))[0]
         # Truncation (not rounding) to uint8, as the reference does.
         return ((img * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu()
+
+
+def _block_mask(rows: list[PrefillRow], batch: AttnBatch, *, device: torch.device) -> torch.Tensor:
+    """[B, 1, T, kv_len] (True = attend): the context before each row, its earlier segments, and its
+    own segment causally (text) or whole (images); padding queries repeat the row's last query."""
+    t, kv_len = max(batch.new_lens), batch.kv_len
+    allowed = torch.zeros(len(rows), t, kv_len, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        start, n = batch.starts[i], batch.new_lens[i]
+        seg = torch.cat([torch.full((e.shape[0],), k, device=device) for k, e in enumerate(r.embeds)])
+        causal = torch.tensor(r.causal, device=device)[seg]
+        q, k = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
+        inner = (seg[None, :] < seg[:, None]) | ((seg[None, :] == seg[:, None]) & (~causal[:, None] | (k <= q)))
+        allowed[i, :n, :start] = True
+        allowed[i, :n, start : start + n] = inner
+        allowed[i, n:] = allowed[i, n - 1]
+    return allowed[:, None]

@@ -63,13 +63,14 @@ class MoTAttention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache,
         batch: AttnBatch,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = route(x, routing, lambda z: self._qkv(z, False), lambda z: self._qkv(z, True))
         qkv = qkv.transpose(1, 2)  # [B, Hq + 2*Hkv, T, D]
         q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = cached_attention(q.contiguous(), k.contiguous(), v.contiguous(), cache, self.layer, batch)
+        out = cached_attention(q.contiguous(), k.contiguous(), v.contiguous(), cache, self.layer, batch, mask=mask)
         out = out.transpose(1, 2).reshape(b, t, -1)
         return route(out, routing, self.o_proj, self.o_proj_moe_gen)
 
@@ -94,9 +95,10 @@ class MoTDecoderLayer(nn.Module):
         sin: torch.Tensor,
         cache: KVCache,
         batch: AttnBatch,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = route(x, routing, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(h, routing, cos, sin, cache, batch)
+        x = x + self.self_attn(h, routing, cos, sin, cache, batch, mask)
         und = lambda z: self.mlp(self.post_attention_layernorm(z))  # noqa: E731
         gen = lambda z: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(z))  # noqa: E731
         return x + route(x, routing, und, gen)
@@ -131,14 +133,17 @@ class Qwen2MoTForCausalLM(nn.Module):
         gen_mask: torch.Tensor | None,
         cache: KVCache,
         batch: AttnBatch,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run embeddings ``x`` [B, T, H] through the decoder; returns final-norm hidden states.
 
         Keys and values of the new tokens are written to the cache at the
-        batch's positions; call ``batch.commit(cache)`` to keep them.
+        batch's positions; call ``batch.commit(cache)`` to keep them. ``mask``
+        [B, 1, T, kv_len] (True = attend) replaces the batch's causal or
+        bidirectional one (a prefill row packing text and image segments).
         """
         cos, sin = self.model.rotary_emb(rope_positions)
         routing = Routing.build(gen_mask)
         for layer in self.model.layers:
-            x = layer(x, routing, cos, sin, cache, batch)
+            x = layer(x, routing, cos, sin, cache, batch, mask)
         return route(x, routing, self.model.norm, self.model.norm_moe_gen)

@@ -9,7 +9,6 @@ KV slot, returning the runner-private :class:`BagelPrepared`
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -200,7 +199,9 @@ def _prepare_images(
     c = cfg
     for i, rgb in enumerate(images):
         if min(rgb.shape[:2]) < 2:
-            raise MediaError(f"image {i} is too small ({rgb.shape[1]}x{rgb.shape[0]})", param="image")
+            raise MediaError(
+                f"image {i} is {rgb.shape[1]}x{rgb.shape[0]}; BAGEL needs both sides at least 2 pixels", param="image"
+            )
         vw, vh = fit_size(rgb.shape[1], rgb.shape[0], c.vit_image_max, c.vit_image_min, c.vit.patch_size)
         vit = image_to_tensor(resize_image(rgb, vw, vh))
         # The edit source is painted over at the output size.
@@ -249,16 +250,8 @@ def _check_length(
 
 
 def decode_on_white(item: MediaItem) -> np.ndarray:
-    """Decode to RGB; transparent images are composited on white, as the reference does."""
-    rgb = decode_image(item)  # validates and raises MediaError on bad bytes
-    from PIL import Image
-
-    with Image.open(io.BytesIO(item.data)) as img:
-        if img.mode not in ("RGBA", "LA", "PA") and "transparency" not in img.info:
-            return rgb
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-    alpha = rgba[..., 3:] / 255.0
-    return (rgba[..., :3] * alpha + 255.0 * (1 - alpha) + 0.5).astype(np.uint8)
+    """Decode to RGB; transparent images are pasted on white through their alpha, as the reference does."""
+    return decode_image(item, background=(255, 255, 255))
 
 
 def with_marker_ids(cfg: BagelConfig, tok: TextTokenizer) -> BagelConfig:

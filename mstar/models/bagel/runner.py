@@ -3,7 +3,9 @@
 Each request moves through phases, one per scheduler step:
 
 ``prefill`` builds its contexts (the conditional one and the guidance
-contexts: without the last text, without the input images);
+contexts: without the last text, without the input images); the prefills of
+all requests starting in a step run as ONE forward, each context one packed
+row of text and image segments (forward.py);
 ``decode`` writes text one token per step (chat answers, think-mode plans);
 ``denoise`` runs ONE rectified-flow step per scheduler step. All denoising
 requests of a step share one forward whose rows are every request's guidance
@@ -15,16 +17,16 @@ Sizing (:meth:`BagelRunner.default_sizing`, overridable through
 KV slots, one per context (a chat holds one, an image request up to three),
 ``max_seq_len`` the positions of each. The contexts live in one paged pool of
 ``kv_cache_tokens`` positions in blocks of ``kv_block_size`` (unset: every slot
-at full length, which never runs out). Guidance contexts share their parent's
-blocks instead of recomputing them: the text-guidance context is the
-conditional one up to its last text (``copy_slot``), the image-guidance one the
-conditional one up to its first image, then its remaining text parts; a
-shared block is copied only when one of them writes into it. A request is
+at full length, which never runs out). The text-guidance context shares the
+conditional one's blocks up to its last text (``copy_slot``) instead of
+recomputing them, and so does an image-guidance context when there is no
+image to drop; otherwise that context is the text parts alone, prefilled as
+its own row. A shared block is copied only when one of them writes into it. A request is
 admitted only when the blocks each of its contexts may take at worst
 (:func:`~mstar.models.bagel.prepare.kv_positions`) fit beside what admitted
 requests have reserved, so a forward never finds the pool full; one that
 could not fit even in an empty pool is refused by ``prepare``. ``stats()`` counts the calls of
-``prefill`` (one per request), ``decode`` (rows: requests), ``denoise``
+``prefill`` (rows: the requests prefilled together), ``decode`` (rows: requests), ``denoise``
 (rows: guidance branches of all requests in that forward) and ``vae``.
 
 ``num_timesteps`` counts the points of the time grid from 1 to 0, as in the
@@ -50,7 +52,7 @@ from mstar.layers.kv_cache import KVCache
 from mstar.layers.rotary import RotaryEmbedding
 from mstar.layers.sampling import SamplingParams, sample_tokens
 from mstar.models.bagel.config import BagelConfig
-from mstar.models.bagel.forward import BagelForward, Context, LatentRow
+from mstar.models.bagel.forward import BagelForward, Context, LatentRow, PrefillRow
 from mstar.models.bagel.model import Bagel
 from mstar.models.bagel.prepare import (
     BagelPrepared,
@@ -123,18 +125,23 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
         "cfg_text_scale": Param(float, 4.0, min=0.0, max=50.0, doc="text guidance scale"),
         "cfg_img_scale": Param(float, None, min=0.0, max=50.0, doc="image guidance scale (1.0; 2.0 for edits)"),
         "cfg_interval": Param(list, [0.4, 1.0], doc="guidance applies while interval[0] < t <= interval[1]"),
-        "cfg_renorm_type": Param(str, "global", choices=RENORM_TYPES),
-        "cfg_renorm_min": Param(float, 0.0, min=0.0, max=1.0),
+        "cfg_renorm_type": Param(
+            str, "global", choices=RENORM_TYPES, doc="where the guided velocity's norm is capped: whole image or per token"
+        ),
+        "cfg_renorm_min": Param(float, 0.0, min=0.0, max=1.0, doc="lowest rescale factor of that norm cap"),
         "num_timesteps": Param(
             int, 50, min=2, max=1000, doc="time grid points from 1 to 0 (N-1 Euler steps, then the decode)"
         ),
-        "timestep_shift": Param(float, 3.0, min=0.01, max=100.0),
-        "width": Param(int, None, min=1, max=1 << 16),
-        "height": Param(int, None, min=1, max=1 << 16),
+        "timestep_shift": Param(float, 3.0, min=0.01, max=100.0, doc="shifts the time grid towards t=1 (more steps early)"),
+        "width": Param(
+            int, None, min=1, max=1 << 16,
+            doc="image width in pixels, a multiple of 16 up to the model's largest side; default: the edited image's, else 1024",
+        ),
+        "height": Param(int, None, min=1, max=1 << 16, doc="image height in pixels (as width); default: width"),
         "think_mode": Param(bool, False, doc="write a plan (or reasoning) before answering or painting"),
         "temperature": Param(float, 0.0, min=0.0, max=5.0, doc="0 means greedy, as the reference"),
-        "top_p": Param(float, 1.0, min=0.0, max=1.0),
-        "max_output_tokens": Param(int, 1024, min=1, max=32768),
+        "top_p": Param(float, 1.0, min=0.0, max=1.0, doc="nucleus sampling of text; 1 = off"),
+        "max_output_tokens": Param(int, 1024, min=1, max=32768, doc="text tokens at most (answer, or plan in think_mode)"),
     }
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
@@ -262,17 +269,15 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
     def step(self, reqs: list[Request]) -> None:
         decoding = [r for r in reqs if self.state(r).phase == "decode"]
         denoising = [r for r in reqs if self.state(r).phase == "denoise"]
-        for req in reqs:
-            phase = self.state(req).phase
-            if phase not in ("prefill", "vae"):
-                continue
+        prefilling = [r for r in reqs if self.state(r).phase == "prefill"]
+        painting = [r for r in reqs if self.state(r).phase == "vae"]
+        if prefilling:
+            self._prefill(prefilling)
+        for req in painting:
             try:
-                if phase == "prefill":
-                    self._prefill(req)
-                else:
-                    self._paint(req)
+                self._paint(req)
             except Exception as exc:  # a failure here belongs to this request alone
-                log.exception("%s failed for %s", phase, req.request_id)
+                log.exception("vae failed for %s", req.request_id)
                 req.fail(exc)
         if decoding:
             self._decode(decoding)
@@ -280,50 +285,100 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
             self._denoise(denoising)
 
     # ---- prefill
-    def _prefill(self, req: Request) -> None:
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Every new request's contexts in ONE forward; if that fails, one request at a time, so only
+        the request at fault fails (its encoders, run first, fail it alone too)."""
+        plans: list[tuple[Request, _PrefillPlan]] = []
+        for req in reqs:
+            try:
+                plans.append((req, self._plan_prefill(req)))
+            except Exception as exc:  # a failure here belongs to this request alone
+                log.exception("prefill failed for %s", req.request_id)
+                req.fail(exc)
+        if not plans:
+            return
+        try:
+            self._run_prefill(plans)
+        except Exception as exc:
+            if len(plans) == 1:
+                log.exception("prefill failed for %s", plans[0][0].request_id)
+                plans[0][0].fail(exc)
+                return
+            for plan in plans:
+                try:
+                    self._run_prefill([plan])
+                except Exception as one_exc:  # noqa: BLE001 - attributed to this request alone
+                    log.exception("prefill failed for %s", plan[0].request_id)
+                    plan[0].fail(one_exc)
+
+    def _plan_prefill(self, req: Request) -> _PrefillPlan:
+        """The rows of a request's prefill: its conditional context, and the image-guidance context
+        when that has text of its own (the text-guidance context is a prefix of the conditional one).
+
+        Image guidance drops the input images: its row is the text parts alone (those before the
+        first image are recomputed rather than shared, so that no row reads another's fresh keys).
+        """
         prep, st = self.prepared(req), self.state(req)
-        fwd, cache = self.fwd, self.cache
+        fwd = self.fwd
         cond = st.ctx["cond"]
+        row = PrefillRow.after(cond)
         parts = prep.parts
-        last_text = (
-            max(i for i, pt in enumerate(parts) if pt.kind == "text") if any(pt.kind == "text" for pt in parts) else -1
-        )
+        texts = [i for i, pt in enumerate(parts) if pt.kind == "text"]
+        last_text = texts[-1] if texts else -1
         text_ctx, img_ctx = st.ctx.get("text"), st.ctx.get("img")
-        first_image = next((i for i, pt in enumerate(parts) if pt.kind == "image"), len(parts))
+        plan = _PrefillPlan([row])
+        tokens = {i: self.tokenizer.encode(parts[i].text) for i in texts}
         for i, part in enumerate(parts):
             if i == last_text and text_ctx is not None:
-                # Text guidance drops the last text: snapshot the context just before it.
-                cache.copy_slot(cond.slot, text_ctx.slot)
-                text_ctx.rope = cond.rope
-            if i == first_image and img_ctx is not None:
-                # Image guidance drops the images: up to the first one it is the conditional context.
-                cache.copy_slot(cond.slot, img_ctx.slot)
-                img_ctx.rope = cond.rope
+                # Text guidance drops the last text: the conditional context just before it.
+                plan.text_prefix = (self.cache.lengths[cond.slot] + row.length, row.rope)
             if part.kind == "text":
-                ids = self.tokenizer.encode(part.text)
-                fwd.text(cond, ids)
-                req.input_tokens += len(ids) + 2
+                fwd.text_segment(row, tokens[i])
+                plan.input_tokens += len(tokens[i]) + 2
             else:
                 img = prep.images[part.image]
                 if img.vae is not None:
-                    tokens = fwd.encode_latents(img.vae, req.generator)
+                    latents = fwd.encode_latents(img.vae, req.generator)
                     _, hh, ww = img.vae.shape
-                    fwd.vae_image(cond, tokens, hh // self.cfg.latent_downsample, ww // self.cfg.latent_downsample)
-                    req.input_tokens += tokens.shape[0] + 2
-                before = cache.lengths[cond.slot]
-                fwd.vit_image(cond, img.vit)
-                req.input_tokens += cache.lengths[cond.slot] - before
+                    fwd.vae_segment(row, latents, hh // self.cfg.latent_downsample, ww // self.cfg.latent_downsample)
+                    plan.input_tokens += latents.shape[0] + 2
+                before = row.length
+                fwd.vit_segment(row, img.vit)
+                plan.input_tokens += row.length - before
         if img_ctx is not None:
-            # Image guidance drops the input images: the text parts alone (those before the first
-            # image are shared with the conditional context; without images, all of them are).
-            if first_image == len(parts):
-                cache.copy_slot(cond.slot, img_ctx.slot)
-                img_ctx.rope = cond.rope
-            for part in parts[first_image:]:
-                if part.kind == "text":
-                    fwd.text(img_ctx, self.tokenizer.encode(part.text))
-        self.activity.record("prefill", 1)
-        if prep.mode == "chat" or req.params["think_mode"]:
+            if all(pt.kind == "text" for pt in parts):
+                plan.img_is_cond = True  # no images to drop: the conditional context itself
+            else:
+                img_row = PrefillRow.after(img_ctx)
+                for i in texts:
+                    fwd.text_segment(img_row, tokens[i])
+                plan.rows.append(img_row)
+        return plan
+
+    def _run_prefill(self, plans: list[tuple[Request, _PrefillPlan]]) -> None:
+        """One forward over the rows of ``plans``, then each request's guidance contexts and next phase."""
+        self.fwd.prefill([row for _, plan in plans for row in plan.rows])
+        self.activity.record("prefill", len(plans))
+        for req, plan in plans:
+            try:
+                self._after_prefill(req, plan)
+            except Exception as exc:  # a failure here belongs to this request alone
+                log.exception("prefill failed for %s", req.request_id)
+                req.fail(exc)
+
+    def _after_prefill(self, req: Request, plan: _PrefillPlan) -> None:
+        st = self.state(req)
+        cond = st.ctx["cond"]
+        text_ctx, img_ctx = st.ctx.get("text"), st.ctx.get("img")
+        if text_ctx is not None and plan.text_prefix is not None:
+            length, rope = plan.text_prefix
+            self.cache.copy_slot(cond.slot, text_ctx.slot, length)
+            text_ctx.rope = rope
+        if img_ctx is not None and plan.img_is_cond:
+            self.cache.copy_slot(cond.slot, img_ctx.slot)
+            img_ctx.rope = cond.rope
+        req.input_tokens += plan.input_tokens
+        if self.prepared(req).mode == "chat" or req.params["think_mode"]:
             self._start_decode(req)
         else:
             self._start_denoise(req)
@@ -446,6 +501,16 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
         req.emit(Progress(p["num_timesteps"], p["num_timesteps"], "denoise"))
         req.emit(ImageChunk(_png(rgb), {"width": w, "height": h}))
         req.finish("stop")
+
+
+@dataclass(slots=True)
+class _PrefillPlan:
+    """A request's part of a batched prefill: its rows, and how its other contexts follow from them."""
+
+    rows: list[PrefillRow]
+    text_prefix: tuple[int, int] | None = None  # (cache length, RoPE position) of the text-guidance context
+    img_is_cond: bool = False  # the image-guidance context is the conditional one (no image to drop)
+    input_tokens: int = 0
 
 
 def _png(rgb: np.ndarray) -> bytes:

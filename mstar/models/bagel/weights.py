@@ -11,6 +11,7 @@ from mstar.codecs.flux_vae import AutoEncoder
 from mstar.errors import WeightsError
 from mstar.models.bagel.config import BagelConfig
 from mstar.models.bagel.model import Bagel
+from mstar.progress import progress
 from mstar.weights import tiny_state_dict
 
 __all__ = ["CHECKPOINT_FILES", "build_models", "load_checkpoint", "load_tiny"]
@@ -60,7 +61,7 @@ def _load_file(module: nn.Module, path: Path, device: torch.device, dtype: torch
                 f"{path.name} does not match the model: {len(missing)} missing (e.g. {missing[:3]}), "
                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
-        for name in names:
+        for name in progress(sorted(names), desc=f"loading {path.name}", unit="tensor"):
             t = f.get_tensor(name)
             if list(t.shape) != list(expected[name].shape):
                 raise WeightsError(

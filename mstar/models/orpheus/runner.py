@@ -104,13 +104,19 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
     """Runs ``canopylabs/orpheus-3b-0.1-ft`` (or ``weights="tiny"``) with continuous batching."""
 
     name = "orpheus"
+    speaks_text = True
     params: ClassVar[Mapping[str, Param]] = {
         "voice": Param(str, DEFAULT_VOICE, doc=f"speaker: {', '.join(VOICES)}"),
-        "temperature": Param(float, TEMPERATURE, min=0.0, max=10.0, doc="0 = greedy"),
-        "top_p": Param(float, TOP_P, min=0.0, max=1.0),
-        "top_k": Param(int, 0, min=0, max=1_000_000, doc="0 = off"),
-        "repetition_penalty": Param(float, REPETITION_PENALTY, min=0.01, max=100.0),
-        "max_output_tokens": Param(int, None, min=1, max=1_000_000, doc="default: the rest of the context"),
+        "temperature": Param(float, TEMPERATURE, min=0.0, max=10.0, doc="sampling temperature; 0 = greedy"),
+        "top_p": Param(float, TOP_P, min=0.0, max=1.0, doc="nucleus sampling: the smallest top set holding this much probability (> 0)"),
+        "top_k": Param(int, 0, min=0, max=1_000_000, doc="sample among the k most likely tokens; 0 = off"),
+        "repetition_penalty": Param(
+            float, REPETITION_PENALTY, min=0.01, max=100.0, doc="CTRL-style penalty on tokens already spoken; 1 = off"
+        ),
+        "max_output_tokens": Param(
+            int, None, min=1, max=1_000_000,
+            doc="codec tokens at most (7 per 2048-sample frame, about 85 ms); default: the rest of the context",
+        ),
     }
 
     @classmethod
@@ -181,6 +187,14 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
         params["voice"] = check_voice(params["voice"])
         if params["top_p"] <= 0.0:
             raise InvalidParameterError("top_p must be > 0", param="top_p")
+        budget = params["max_output_tokens"]
+        if budget is not None and budget < WINDOW_TOKENS:
+            # The codec decodes windows of 4 frames (7 codes each): fewer tokens can never become audio.
+            raise InvalidParameterError(
+                f"max_output_tokens must be at least {WINDOW_TOKENS} for orpheus (one 4-frame codec window "
+                f"is the least it turns into audio); got {budget}",
+                param="max_output_tokens",
+            )
         return params
 
     def prepare(self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]) -> Prepared:

@@ -33,6 +33,7 @@ from mstar.codecs.snac import SNACConfig, SNACDecoder
 from mstar.errors import WeightsError
 from mstar.layers.llama import LlamaConfig, LlamaForCausalLM
 from mstar.models.orpheus.config import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, CODES_PER_FRAME
+from mstar.progress import progress
 from mstar.weights import component_override, resolve_checkpoint_dir, tiny_state_dict
 
 __all__ = ["SNAC_HUB_ID", "build_tiny", "load_llama", "load_snac", "snac_location"]
@@ -145,7 +146,10 @@ def load_llama(ckpt: Path, *, device: torch.device, dtype: torch.dtype) -> Llama
     where = {k: h for h in handles for k in h.keys()}  # noqa: SIM118 - safe_open has keys(), not iteration
     found = {k: torch.Size(h.get_slice(k).get_shape()) for k, h in where.items()}
     _check_names(f"checkpoint {str(ckpt)!r}", expected, found, optional)
-    state = {k: where[k].get_tensor(k).to(device=device, dtype=dtype) for k in expected}
+    state = {
+        k: where[k].get_tensor(k).to(device=device, dtype=dtype)
+        for k in progress(expected, desc="loading Orpheus", unit="tensor")
+    }
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

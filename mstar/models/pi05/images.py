@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mstar.errors import ShapeError
+from mstar.models.resize import resize_bilinear
 
 __all__ = ["MIN_SIDE", "preprocess_image"]
 
@@ -34,9 +35,12 @@ def preprocess_image(rgb: np.ndarray, size: int, name: str = "image") -> torch.T
             f"(they are resized with padding to {size}x{size})",
             param="images",
         )
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
-    if (h, w) != (size, size):
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    if (h, w) == (size, size):
+        x = x.float() / 255.0
+    else:
+        # Resized from uint8 (in strips for a large photo), then scaled: no float copy of the original.
+        x = resize_bilinear(x, (rh, rw), divide=255.0).clamp_(0.0, 1.0)
         top, left = (size - rh) // 2, (size - rw) // 2
         x = F.pad(x, (left, size - rw - left, top, size - rh - top), value=0.0)
     return x[0] * 2.0 - 1.0

@@ -101,7 +101,11 @@ def load_paligemma_tokenizer(checkpoint_dir: Path) -> HFTokenizer:
     try:
         from huggingface_hub import hf_hub_download
 
-        file = hf_hub_download(PALIGEMMA_TOKENIZER_REPO, "tokenizer.json", local_files_only=hub_offline())
+        from mstar.progress import hub_tqdm_class
+
+        file = hf_hub_download(
+            PALIGEMMA_TOKENIZER_REPO, "tokenizer.json", local_files_only=hub_offline(), tqdm_class=hub_tqdm_class()
+        )
         return HFTokenizer(Path(file))
     except WeightsError:
         raise

@@ -96,9 +96,17 @@ class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
 
     name = "pi05"
     params: ClassVar[Mapping[str, Param]] = {
-        "robot_state": Param(list, doc="the robot state normalised to [-1, 1]: a list of 1 to 32 floats (required)"),
-        "num_steps": Param(int, default=None, min=1, max=MAX_NUM_STEPS, doc="Euler steps from noise to actions (10)"),
-        "action_horizon": Param(int, default=None, doc="actions returned, 1 to the checkpoint's chunk size (50)"),
+        "robot_state": Param(
+            list,
+            type_name="list[float]",
+            doc="the robot state normalised to [-1, 1]: 1 to 32 floats (required; values outside [-1, 1] are refused)",
+        ),
+        "num_steps": Param(
+            int, default=None, min=1, max=MAX_NUM_STEPS, doc="Euler steps from noise to actions; default: the checkpoint's (10)"
+        ),
+        "action_horizon": Param(
+            int, default=None, doc="actions returned, 1 to the checkpoint's chunk size; default: all of it (50)"
+        ),
     }
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
@@ -142,6 +150,16 @@ class Pi05Runner(ModelRunner[Pi05Prepared, _State]):
             )
         if not 1 <= len(state) <= cfg.max_state_dim:
             raise ShapeError(f"robot_state has shape ({len(state)},); expected {expected_state}", param="robot_state")
+        outside = [(i, v) for i, v in enumerate(state) if not -1.0 <= v <= 1.0]
+        if outside:
+            # The prompt bins the state over [-1, 1]; a value beyond would be clipped to an edge bin
+            # and the policy would see a different state than the one sent.
+            i, v = outside[0]
+            raise InvalidParameterError(
+                f"robot_state must be normalised to [-1, 1] (the policy reads it in {cfg.state_bins} bins over that range); "
+                f"robot_state[{i}] = {v:g}" + (f" and {len(outside) - 1} more are outside" if len(outside) > 1 else ""),
+                param="robot_state",
+            )
 
         horizon = params["action_horizon"]
         horizon = cfg.chunk_size if horizon is None else horizon

@@ -21,6 +21,7 @@ from mstar.errors import WeightsError
 from mstar.layers.gemma import GemmaRMSNorm
 from mstar.models.pi05.config import Pi05Config
 from mstar.models.pi05.model import Pi05Model
+from mstar.progress import progress
 from mstar.weights import tiny_state_dict
 
 __all__ = ["build_model", "load_checkpoint", "tiny_model"]
@@ -95,7 +96,8 @@ def load_checkpoint(path: Path, cfg: Pi05Config, *, device: torch.device, dtype:
         if bad:
             raise WeightsError(f"{str(file)!r} has tensors of the wrong shape: {'; '.join(bad[:5])}")
         state = {
-            name: f.get_tensor(stored[name]).to(device=device, dtype=_target_dtype(name, dtype)) for name in expected
+            name: f.get_tensor(stored[name]).to(device=device, dtype=_target_dtype(name, dtype))
+            for name in progress(expected, desc="loading Pi0.5", unit="tensor")
         }
     return _place(build_model(cfg), state)
 

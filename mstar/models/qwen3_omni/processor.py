@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "AUDIO_MIN_SAMPLES",
     "AudioFeatures",
     "ImagePrep",
     "VisualPatches",
@@ -37,6 +38,9 @@ VIDEO_MIN_PIXELS = 128 * 32 * 32
 VIDEO_MAX_PIXELS = 768 * 32 * 32
 VIDEO_FPS = 2.0
 VIDEO_MAX_FRAMES = 128
+# Whisper's front end pads each side of the clip by reflection with n_fft // 2 = 200 samples, which
+# needs more samples than that: the shortest clip it can read is 201 samples at 16 kHz.
+AUDIO_MIN_SAMPLES = 400 // 2 + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +92,16 @@ _EXTRACTOR: Any = None
 
 
 def audio_features(wave: np.ndarray, *, n_window: int = 50) -> AudioFeatures:
-    """Whisper-style log-mel features of 16 kHz mono ``wave``."""
+    """Whisper-style log-mel features of 16 kHz mono ``wave`` (at least :data:`AUDIO_MIN_SAMPLES` long)."""
     global _EXTRACTOR
+    if wave.shape[0] < AUDIO_MIN_SAMPLES:
+        from mstar.errors import MediaError
+
+        raise MediaError(
+            f"audio is {wave.shape[0] / 16:.1f} ms long ({wave.shape[0]} samples at 16 kHz); Qwen3-Omni needs at "
+            f"least {AUDIO_MIN_SAMPLES / 16:.1f} ms ({AUDIO_MIN_SAMPLES} samples at 16 kHz)",
+            param="audio",
+        )
     if _EXTRACTOR is None:
         from transformers import WhisperFeatureExtractor
 
@@ -127,8 +139,11 @@ def _resize_normalise(frame: np.ndarray, h: int, w: int, prep: ImagePrep) -> np.
     img = Image.fromarray(frame)
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BICUBIC)
-    scaled = np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    normed: np.ndarray = (scaled - np.array(prep.mean, np.float32)) / np.array(prep.std, np.float32)
+    # In place on the one float copy (at the model's input size, never the original's): same values.
+    normed = np.asarray(img, dtype=np.float32)
+    normed /= np.float32(255.0)
+    normed -= np.array(prep.mean, np.float32)
+    normed /= np.array(prep.std, np.float32)
     return normed.transpose(2, 0, 1)  # [C, H, W]
 
 

@@ -4,7 +4,11 @@ A request becomes ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message,
 then ``<|im_start|>assistant\\n``. Media parts expand to their placeholder runs
 (``<|vision_start|><|image_pad|>*n<|vision_end|>``,
 ``<|audio_start|><|audio_pad|>*n<|audio_end|>``, and the video equivalent),
-``n`` being the number of embeddings the encoder yields for that item.
+``n`` being the number of embeddings the encoder yields for that item. A
+video heard with its audio track (``use_audio_in_video``) becomes
+``<|vision_start|><|audio_start|>`` + one run mixing ``<|video_pad|>`` and
+``<|audio_pad|>`` in time order (:func:`audio_video_layout`) +
+``<|audio_end|><|vision_end|>``, as the reference processor writes it.
 
 Prefix caching (the Thinker's, see :func:`text_prefix_len`): the keys and
 values of a prompt token depend on every token before it, on the media
@@ -19,7 +23,7 @@ cached whole; a prompt with media shares only the text that precedes them.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +36,7 @@ from mstar.request import RequestInputs
 
 __all__ = [
     "ChatPart",
+    "audio_video_layout",
     "mrope_positions",
     "normalise_messages",
     "prompt_positions",
@@ -118,17 +123,60 @@ _PAD = {"image": "<|image_pad|>", "video": "<|video_pad|>", "audio": "<|audio_pa
 _CLOSE = {"image": "<|vision_end|>", "video": "<|vision_end|>", "audio": "<|audio_end|>"}
 
 
+def audio_video_layout(
+    video: VisualPatches, audio_tokens: int, *, merge: int, position_id_per_seconds: float
+) -> list[bool]:
+    """The order of a video's tokens and its audio track's: True for a video token, False for an audio one.
+
+    Both are placed on one time axis counted in position ids: audio token ``j`` sits at ``j``
+    (one per 80 ms at 12.5 ids a second), the tokens of temporal group ``t`` of the video at
+    ``t * second_per_grid * position_id_per_seconds``. Tokens go out in time order, a video
+    token before an audio token at the same time; what is left of either follows at the end.
+    """
+    gt, gh, gw = video.grid_thw
+    per_group = (gh // merge) * (gw // merge)
+    step = float(video.second_per_grid) * float(position_id_per_seconds)
+    out: list[bool] = []
+    v = a = 0
+    total = gt * per_group
+    while v < total and a < audio_tokens:
+        if (v // per_group) * step <= a:
+            out.append(True)
+            v += 1
+        else:
+            out.append(False)
+            a += 1
+    out += [True] * (total - v) + [False] * (audio_tokens - a)
+    return out
+
+
 def render_prompt(
-    messages: Sequence[_Message], tokenizer: TextTokenizer, token_counts: dict[str, list[int]]
+    messages: Sequence[_Message],
+    tokenizer: TextTokenizer,
+    token_counts: dict[str, list[int]],
+    video_audio: Mapping[int, Sequence[bool]] | None = None,
 ) -> tuple[list[int], list[tuple[str, int]]]:
-    """Token ids of the whole prompt, and the media items in order of appearance."""
+    """Token ids of the whole prompt, and the media items in order of appearance.
+
+    ``video_audio`` maps a video's index to its :func:`audio_video_layout` when the video is
+    heard with its audio track; the other videos (and all without it) get plain video runs.
+    """
     ids: list[int] = []
     order: list[tuple[str, int]] = []
+    tracks = video_audio or {}
     for msg in messages:
         text = f"<|im_start|>{msg.role}\n"
         for kind, value in msg.parts:
             if kind == "text":
                 text += value
+            elif kind == "video" and value in tracks:
+                ids += tokenizer.encode(text)
+                text = ""
+                vid, aud = tokenizer.token_id(_PAD["video"]), tokenizer.token_id(_PAD["audio"])
+                ids += [tokenizer.token_id(_OPEN["video"]), tokenizer.token_id(_OPEN["audio"])]
+                ids += [vid if is_video else aud for is_video in tracks[value]]
+                ids += [tokenizer.token_id(_CLOSE["audio"]), tokenizer.token_id(_CLOSE["video"])]
+                order.append((kind, value))
             else:
                 ids += tokenizer.encode(text)
                 text = ""
@@ -151,12 +199,17 @@ def mrope_positions(
     video_second_per_grid: Sequence[float],
     merge: int,
     position_id_per_seconds: float,
+    audio_token: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """3-D positions [3, L] (float) and the decode offset ``max + 1 - L``.
 
     Text and audio advance all axes by one per token. A run of image/video
     tokens gets (time, row, column) positions offset from the position the
     run starts at; the next token continues from the run's maximum + 1.
+    A video run may have its audio track's tokens (``audio_token``) mixed in
+    (:func:`audio_video_layout`): from the same start, the video tokens take
+    the video's positions in order and the audio tokens ``start + j``; the
+    next token continues after the stream the run ends with.
     Without images or videos this is plain ``0..L-1`` on every axis.
     """
     n = len(ids)
@@ -183,9 +236,26 @@ def mrope_positions(
             h_idx = torch.arange(h, dtype=torch.float32).view(1, -1, 1).expand(gt, -1, w).reshape(-1)
             w_idx = torch.arange(w, dtype=torch.float32).view(1, 1, -1).expand(gt, h, -1).reshape(-1)
             block = torch.stack([t_idx, h_idx, w_idx]) + nxt
-            pos[:, i : i + count] = block
-            nxt = float(block.max()) + 1.0
-            i += count
+            # The run: this item's tokens, and in a video the audio track's tokens mixed among them.
+            end, heard = i, 0
+            while end < n and (ids[end] == tok or (tok == video_token and ids[end] == audio_token)):
+                heard += ids[end] != tok
+                end += 1
+            if end - i - heard != count:
+                kind = "image" if tok == image_token else "video"
+                raise ValueError(f"a {kind} run holds {end - i - heard} tokens; its grid {(gt, gh, gw)} gives {count}")
+            if heard:
+                run = torch.tensor(ids[i:end])
+                audio = torch.arange(heard, dtype=torch.float32)[None].expand(3, -1) + nxt
+                pos[:, i:end][:, run == tok] = block
+                pos[:, i:end][:, run != tok] = audio
+                # The reference continues after the stream the run ends with: one past the last audio
+                # token when the track outlasts the frames, even where a frame's rows reach further.
+                nxt = (float(block.max()) if ids[end - 1] == tok else float(audio.max())) + 1.0
+            else:
+                pos[:, i:end] = block
+                nxt = float(block.max()) + 1.0
+            i = end
         else:
             pos[:, i] = nxt
             nxt += 1.0
@@ -210,6 +280,7 @@ def prompt_positions(
         video_second_per_grid=[v.second_per_grid for v in videos],
         merge=thinker_cfg["vision_config"]["spatial_merge_size"],
         position_id_per_seconds=thinker_cfg["position_id_per_seconds"],
+        audio_token=thinker_cfg["audio_token_id"],
     )
 
 

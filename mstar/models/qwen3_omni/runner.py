@@ -34,11 +34,11 @@ import torch
 
 from mstar.errors import InvalidParameterError, InvalidRequestError, UnknownVoiceError, WeightsError
 from mstar.layers.sampling import SamplingParams
-from mstar.media import decode_audio, decode_image, decode_video
+from mstar.media import decode_audio, decode_audio_track, decode_image, decode_video
 from mstar.models.base import ModelRunner
 from mstar.models.params import Param
 from mstar.models.qwen3_omni import prompt as prompting
-from mstar.models.qwen3_omni.processor import ImagePrep, audio_features, image_patches, video_patches
+from mstar.models.qwen3_omni.processor import AudioFeatures, ImagePrep, audio_features, image_patches, video_patches
 from mstar.models.qwen3_omni.state import Encoded, OmniState, Pair, TalkerState
 from mstar.models.qwen3_omni.talker import TalkerStage
 from mstar.models.qwen3_omni.thinker import PrefillResult, ThinkerStage
@@ -82,19 +82,42 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
 
     name = "qwen3_omni"
     params: ClassVar[Mapping[str, Param]] = {
-        "thinker_temperature": Param(float, 0.7, min=0.0, max=10.0),
-        "thinker_top_p": Param(float, 0.9, min=0.0, max=1.0),
-        "talker_temperature": Param(float, 0.9, min=0.0, max=10.0),
-        "talker_top_k": Param(int, 50, min=0, max=100000),
-        "talker_top_p": Param(float, 1.0, min=0.0, max=1.0),
-        "talker_repetition_penalty": Param(float, 1.05, min=0.01, max=10.0),
-        "talker_max_output_tokens": Param(int, 4096, min=1, max=1_000_000),
-        "code_predictor_temperature": Param(float, 1.0, min=0.0, max=10.0),
-        "code_predictor_top_k": Param(int, 50, min=0, max=100000),
-        "code_predictor_top_p": Param(float, 0.8, min=0.0, max=1.0),
+        "thinker_temperature": Param(float, 0.7, min=0.0, max=10.0, doc="Thinker (text) sampling temperature; 0 = greedy"),
+        "thinker_top_p": Param(float, 0.9, min=0.0, max=1.0, doc="Thinker nucleus sampling; 1 = off"),
+        "talker_temperature": Param(float, 0.9, min=0.0, max=10.0, doc="Talker (speech codes) sampling temperature; 0 = greedy"),
+        "talker_top_k": Param(int, 50, min=0, max=100000, doc="Talker: sample among the k most likely codes; 0 = off"),
+        "talker_top_p": Param(float, 1.0, min=0.0, max=1.0, doc="Talker nucleus sampling; 1 = off"),
+        "talker_repetition_penalty": Param(
+            float, 1.05, min=0.01, max=10.0, doc="Talker: penalty on codes already spoken; 1 = off"
+        ),
+        "talker_max_output_tokens": Param(
+            int,
+            None,
+            min=1,
+            max=1_000_000,
+            doc="Talker codec frames at most (12.5 per second of speech); default 4096, 25 on the tiny variant",
+        ),
+        "code_predictor_temperature": Param(
+            float, 1.0, min=0.0, max=10.0, doc="code predictor (each frame's residual codebooks) temperature; 0 = greedy"
+        ),
+        "code_predictor_top_k": Param(int, 50, min=0, max=100000, doc="code predictor top-k; 0 = off"),
+        "code_predictor_top_p": Param(float, 0.8, min=0.0, max=1.0, doc="code predictor nucleus sampling; 1 = off"),
         "voice": Param(str, INFO.default_voice, doc=f"speaker: {', '.join(INFO.voices)}"),
-        "max_output_tokens": Param(int, None, min=1, max=1_000_000),
+        "max_output_tokens": Param(
+            int,
+            None,
+            min=1,
+            max=1_000_000,
+            doc="Thinker text tokens at most; default the rest of the context, 32 on the tiny variant",
+        ),
+        "use_audio_in_video": Param(
+            bool, False, doc="also hear each video's audio track, interleaved with its frames by time"
+        ),
     }
+    #: Stage caps filled in when the user leaves them unset. Random tiny weights never write an end
+    #: token, so the tiny variant's caps are small enough for a default request to end in seconds.
+    FULL_CAPS: ClassVar[Mapping[str, int | None]] = {"max_output_tokens": None, "talker_max_output_tokens": 4096}
+    TINY_CAPS: ClassVar[Mapping[str, int | None]] = {"max_output_tokens": 32, "talker_max_output_tokens": 25}
 
     @classmethod
     def default_sizing(cls, weights: str | None, settings: RunnerSettings) -> Sizing:
@@ -108,6 +131,8 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
         super().__init__(weights=weights, settings=settings)
         self.cfg, self.model, ckpt = load_model(weights or TINY, self.device, self.dtype)
+        #: Defaults of the per-stage caps for this variant (see ``FULL_CAPS``, ``TINY_CAPS``).
+        self.caps: Mapping[str, int | None] = self.TINY_CAPS if (weights or TINY) == TINY else self.FULL_CAPS
         th = self.cfg["thinker_config"]
         limit = int(th["text_config"]["max_position_embeddings"])
         if self.sizing.max_seq_len > limit:
@@ -167,7 +192,7 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
     def validate(
         self, inputs: RequestInputs, output_modalities: tuple[str, ...], kwargs: Mapping[str, Any]
     ) -> dict[str, Any]:
-        params = super().validate(inputs, output_modalities, kwargs)
+        params = self._with_caps(super().validate(inputs, output_modalities, kwargs))
         voice = str(params["voice"])
         # Without a Talker there is no speaker table; audio output is refused below anyway.
         if self.talker is not None and voice.lower() not in self.talker.speakers:
@@ -178,8 +203,22 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
             )
         return params
 
+    def _with_caps(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` with every accepted key present: the variant's stage caps where unset, else the Param defaults."""
+        out = {name: spec.default for name, spec in self.params.items()}
+        out.update(params)
+        for name, cap in self.caps.items():
+            if out[name] is None:
+                out[name] = cap
+        return out
+
     def prepare(self, inputs: RequestInputs, output_modalities: tuple[str, ...], params: Mapping[str, Any]) -> Encoded:
-        """Decode and preprocess the media, render the chat prompt and its 3-D positions."""
+        """Decode and preprocess the media, render the chat prompt and its 3-D positions.
+
+        With ``use_audio_in_video`` each video's audio track (if it has one) is decoded too and
+        its tokens are interleaved with the video's by time (see prompt.audio_video_layout).
+        """
+        params = self._with_caps(params)
         th = self.cfg["thinker_config"]
         vis = th["vision_config"]
         patch, merge, temporal = vis["patch_size"], vis["spatial_merge_size"], vis["temporal_patch_size"]
@@ -192,20 +231,34 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
             for item in inputs.images
         ]
         videos = []
-        for item in inputs.video:
+        tracks: dict[int, AudioFeatures] = {}  # video index -> its audio track, heard with it
+        for v, item in enumerate(inputs.video):
             frames, fps = decode_video(item)
             videos.append(video_patches(frames, fps, patch=patch, merge=merge, temporal=temporal, prep=prep))
+            if params["use_audio_in_video"]:
+                track = decode_audio_track(item, sample_rate=16000)
+                if track is not None:
+                    tracks[v] = audio_features(track[0], n_window=n_window)
+        layouts = {
+            v: prompting.audio_video_layout(
+                videos[v], a.num_tokens, merge=merge, position_id_per_seconds=th["position_id_per_seconds"]
+            )
+            for v, a in tracks.items()
+        }
         counts = {
             "audio": [a.num_tokens for a in audios],
             "image": [i.num_tokens for i in images],
             "video": [v.num_tokens for v in videos],
         }
-        ids, order = prompting.render_prompt(messages, self.tokenizer, counts)
-        # Keep media in prompt order: features are scattered into placeholder runs first to last.
+        ids, order = prompting.render_prompt(messages, self.tokenizer, counts, layouts)
+        # Keep media in prompt order: features are scattered into placeholder runs first to last
+        # (a video's audio track sits inside the video's run, so it comes in the video's turn).
         by_kind: dict[str, list[Any]] = {"audio": [], "image": [], "video": []}
         source: dict[str, list[Any]] = {"audio": audios, "image": images, "video": videos}
         for kind, index in order:
             by_kind[kind].append(source[kind][index])
+            if kind == "video" and index in tracks:
+                by_kind["audio"].append(tracks[index])
         pos, delta = prompting.prompt_positions(th, ids, by_kind["image"], by_kind["video"])
         limit = self.sizing.max_seq_len
         if len(ids) + 1 > limit:
@@ -213,8 +266,7 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
                 f"the prompt is {len(ids)} tokens; this engine holds at most {limit - 1}", param="text"
             )
         enc = Encoded(ids, pos, delta, by_kind["audio"], by_kind["image"], by_kind["video"])
-        defaults = {name: spec.default for name, spec in self.params.items()}
-        th_need, tk_need = self._kv_blocks(enc, {**defaults, **params}, "audio" in output_modalities)
+        th_need, tk_need = self._kv_blocks(enc, params, "audio" in output_modalities)
         needs = [("Thinker", self.thinker.cache, th_need)]
         if self.talker is not None:
             needs.append(("Talker", self.talker.cache, tk_need))
@@ -340,9 +392,14 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
         for r, s in pairs:
             if r.done:
                 continue
-            audio_done = s.talker is None or (s.talker.done and s.talker.decoded_frames == len(s.talker.frames))
+            tk = s.talker
+            if tk is not None and tk.done and not s.emit_text and not s.thinker_done:
+                # Speech only: once the Talker has ended, the rest of the hidden text has no reader.
+                s.thinker_done, s.finish_reason = True, "stop"
+            audio_done = tk is None or (tk.done and tk.decoded_frames == len(tk.frames))
             if s.thinker_done and audio_done:
-                r.finish("length" if s.finish_reason == "length" else "stop")
+                capped = s.finish_reason == "length" or (tk is not None and tk.finish_reason == "length")
+                r.finish("length" if capped else "stop")
 
     def _prefill(self, pairs: list[Pair]) -> None:
         """Prefill together; if that fails, retry one by one so only the request at fault fails.

@@ -49,6 +49,7 @@ class TalkerState:
     frames: list[list[int]] = field(default_factory=list)
     decoded_frames: int = 0  # frames already turned into audio
     done: bool = False
+    finish_reason: str = "stop"  # "stop": the codec's end-of-speech; "length": the frame cap or the cache was full
 
 
 @dataclass(slots=True)
@@ -64,7 +65,7 @@ class OmniState:
     generated: list[int] = field(default_factory=list)  # Thinker tokens, the stop token included
     pending_bytes: bytes = b""  # an unfinished UTF-8 sequence, emitted with the next token
     thinker_done: bool = False
-    finish_reason: str = "stop"
+    finish_reason: str = "stop"  # the Thinker's: "stop" (its end token, or speech ended first), "length" (its cap)
     talker: TalkerState | None = None
 
 

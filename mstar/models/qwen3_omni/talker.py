@@ -47,8 +47,11 @@ def _sample(
     return [int(t) for t in sample_tokens(logits, params, [r.generator for r in reqs], histories).tolist()]
 
 
-def _visual_runs(ids: list[int], img_tok: int, vid_tok: int) -> list[tuple[str, int, int]]:
-    """(kind, start, index among that kind) of every image/video placeholder run in ``ids``."""
+def _visual_runs(ids: list[int], img_tok: int, vid_tok: int, audio_tok: int) -> list[tuple[str, int, int]]:
+    """(kind, start, index among that kind) of every image/video placeholder run in ``ids``.
+
+    A video heard with its audio track has audio tokens mixed into its run: they do not end it.
+    """
     runs: list[tuple[str, int, int]] = []
     counts = {"image": 0, "video": 0}
     prev = None
@@ -57,7 +60,8 @@ def _visual_runs(ids: list[int], img_tok: int, vid_tok: int) -> list[tuple[str, 
         if kind is not None and tok != prev:
             runs.append((kind, i, counts[kind]))
             counts[kind] += 1
-        prev = tok
+        if not (tok == audio_tok and prev == vid_tok):
+            prev = tok
     return runs
 
 
@@ -204,7 +208,8 @@ class TalkerStage:
             part[mm] = self.net.hidden_projection(accept_hidden[at])
         tk.user_embeds = part
         # Visual runs inside the user turns keep their grids (in order) for the Talker's 3-D positions.
-        runs = _visual_runs(ids, self.th_cfg["image_token_id"], self.th_cfg["video_token_id"])
+        th = self.th_cfg
+        runs = _visual_runs(ids, th["image_token_id"], th["video_token_id"], th["audio_token_id"])
         keep_set = set(keep)
         images = [st.enc.images[k] for kind, start, k in runs if kind == "image" and start in keep_set]
         videos = [st.enc.videos[k] for kind, start, k in runs if kind == "video" and start in keep_set]
@@ -269,8 +274,10 @@ class TalkerStage:
             assert tk.slot is not None
             tk.history.append(code)
             tk.last_code, tk.last_hidden = code, hidden[i]
-            if code == eos or len(tk.history) >= tk.max_tokens or self.cache.room(tk.slot) <= 0:
-                tk.done = True
+            if code == eos:
+                tk.done, tk.finish_reason = True, "stop"
+            elif len(tk.history) >= tk.max_tokens or self.cache.room(tk.slot) <= 0:
+                tk.done, tk.finish_reason = True, "length"
 
     def _slots(self, pairs: list[Pair]) -> list[int]:
         return [s.talker.slot for _, s in pairs if s.talker is not None and s.talker.slot is not None]

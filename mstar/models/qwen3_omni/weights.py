@@ -13,6 +13,7 @@ import torch
 from mstar.errors import WeightsError
 from mstar.models.qwen3_omni.config import FULL_CONFIG, TINY_CONFIG, build_hf_config
 from mstar.models.qwen3_omni.model import Qwen3Omni
+from mstar.progress import progress
 from mstar.weights import TINY, resolve_checkpoint_dir, tiny_state_dict
 
 __all__ = ["build_model", "load_model", "random_state_dict"]
@@ -55,7 +56,7 @@ def _read_checkpoint(
     if not files:
         raise WeightsError(f"no *.safetensors files in {str(path)!r}")
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in progress(files, desc="loading Qwen3-Omni", unit="file"):
         for name, tensor in load_file(str(f), device=str(device)).items():
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return _normalise_config(cfg), state

@@ -120,10 +120,10 @@ class VJEPA2ACRunner(ModelRunner[ACPrepared, _State]):
     name = "vjepa2_ac"
     params: ClassVar[Mapping[str, Param]] = {
         "mode": Param(str, "rollout", choices=("rollout", "score", "encode"), doc="what to compute"),
-        "actions": Param(object, None, doc="[T, 7] (rollout) or [N, T, 7] (score) end-effector deltas"),
-        "states": Param(object, None, doc="[C, 7] end-effector state at each context frame"),
-        "extrinsics": Param(object, None, doc="[C, 6] camera pose per context frame (predictors trained with them)"),
-        "goal_latent": Param(object, None, doc="[tokens_per_frame, hidden] goal in latent space (score)"),
+        "actions": Param(object, None, type_name="array", doc="[T, 7] (rollout) or [N, T, 7] (score) end-effector deltas"),
+        "states": Param(object, None, type_name="array", doc="[C, 7] end-effector state at each context frame"),
+        "extrinsics": Param(object, None, type_name="array", doc="[C, 6] camera pose per context frame (predictors trained with them)"),
+        "goal_latent": Param(object, None, type_name="array", doc="[tokens_per_frame, hidden] goal in latent space (score)"),
     }
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:

@@ -27,6 +27,7 @@ from mstar.errors import WeightsError
 from mstar.models.vjepa2.config import AC_CONFIGS, ENCODER_CONFIGS, ACPredictorConfig, EncoderConfig
 from mstar.models.vjepa2.encoder import VJEPA2Backbone
 from mstar.models.vjepa2.predictor import ACPredictor
+from mstar.progress import progress
 from mstar.weights import TINY, resolve_checkpoint_dir, tiny_state_dict
 
 __all__ = [
@@ -160,7 +161,7 @@ def _safetensors_state(directory: Path, keep: Callable[[str], bool]) -> dict[str
     if not files:
         raise WeightsError(f"no *.safetensors files in {str(directory)!r}")
     state: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in progress(files, desc=f"loading {directory.name}", unit="file"):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 name = key[len("vjepa2.") :] if key.startswith("vjepa2.") else key  # classification wrappers

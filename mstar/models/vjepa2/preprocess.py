@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from mstar.models.resize import FLOAT_BUDGET, resize_bilinear
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "normalize", "resize_center_crop"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CHUNK = 16  # frames resized at once: bounds the float32 working set for long HD clips
+_CHUNK = 16  # frames resized at once (fewer when large): bounds the float32 working set for long HD clips
 
 
 def resize_center_crop(frames: np.ndarray, crop: int, shorter_side: int) -> torch.Tensor:
@@ -29,10 +30,10 @@ def resize_center_crop(frames: np.ndarray, crop: int, shorter_side: int) -> torc
     scale = shorter_side / min(h, w)
     size = (shorter_side, int(w * scale)) if h <= w else (int(h * scale), shorter_side)
     out = []
-    for i in range(0, t, _CHUNK):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + _CHUNK])).permute(0, 3, 1, 2).float()
-        if (h, w) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    chunk = max(1, min(_CHUNK, FLOAT_BUDGET // (h * w * 3 * 4)))
+    for i in range(0, t, chunk):
+        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + chunk])).permute(0, 3, 1, 2)
+        x = resize_bilinear(x, size, antialias=True) if (h, w) != size else x.float()
         top = int(round((size[0] - crop) / 2.0))
         left = int(round((size[1] - crop) / 2.0))
         x = x[:, :, top : top + crop, left : left + crop]

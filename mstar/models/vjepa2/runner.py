@@ -5,10 +5,12 @@ Request (``Engine("vjepa2").generate(video=..., output_modalities=("latent",))``
 - ``video``: one clip (any container PyAV decodes). Frames are resized and
   centre-cropped to the model's crop (256 for the published checkpoint) the
   way transformers' ``VJEPA2VideoProcessor`` does, so any frame size works.
-- ``num_frames`` (default: the checkpoint's ``frames_per_clip``, 64): how many
-  frames to encode, taken from the start of the clip after ``frame_step``;
-  a shorter clip is encoded whole. The count is rounded down to a multiple of
-  the tubelet size (2); a clip with fewer than 2 frames is a ``ShapeError``.
+- ``num_frames``: how many frames to encode, taken from the start of the clip
+  after ``frame_step``; a multiple of the tubelet size (2), at most the frames
+  the clip has (more is a ``ShapeError`` naming that count, never a silent cut).
+  Unset: the checkpoint's ``frames_per_clip`` (64), or the whole clip when it is
+  shorter, rounded down to whole tubelets (``metadata["frames"]`` says how many).
+  A clip with fewer than 2 frames is a ``ShapeError``.
 - ``frame_step`` (default 1): keep every k-th frame (the reference demo uses 2).
 
 Output: one ``TensorChunk`` of modality ``"latent"``, float32, shape
@@ -29,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mstar.errors import InvalidRequestError, ShapeError
+from mstar.errors import InvalidParameterError, InvalidRequestError, ShapeError
 from mstar.models.base import ModelRunner
 from mstar.models.params import Param
 from mstar.models.vjepa2.checkpoint import load_encoder
@@ -56,8 +58,12 @@ class VJEPA2Runner(ModelRunner[torch.Tensor, None]):
 
     name = "vjepa2"
     params: ClassVar[Mapping[str, Param]] = {
-        "num_frames": Param(int, None, min=2, max=512, doc="frames to encode (default: frames_per_clip)"),
-        "frame_step": Param(int, 1, min=1, max=64, doc="keep every k-th frame"),
+        "num_frames": Param(
+            int, None, min=2, max=512,
+            doc="frames to encode from the clip's start: a multiple of 2, at most the clip's frames; "
+            "default: frames_per_clip (64) or the whole clip if shorter",
+        ),
+        "frame_step": Param(int, 1, min=1, max=64, doc="keep every k-th frame before counting num_frames"),
     }
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
@@ -73,7 +79,20 @@ class VJEPA2Runner(ModelRunner[torch.Tensor, None]):
             )
         cfg = self.cfg
         frames = decode_frames(inputs.video[0], "video")[:: params["frame_step"]]
-        wanted = params["num_frames"] or cfg.frames_per_clip
+        asked = params["num_frames"]
+        if asked is not None:
+            if asked % cfg.tubelet_size:
+                raise InvalidParameterError(
+                    f"num_frames must be a multiple of {cfg.tubelet_size} (the encoder's tubelet size); got {asked}",
+                    param="num_frames",
+                )
+            if asked > frames.shape[0]:
+                raise ShapeError(
+                    f"num_frames={asked} but the clip has {frames.shape[0]} frames after "
+                    f"frame_step={params['frame_step']}; ask for at most {frames.shape[0]}",
+                    param="num_frames",
+                )
+        wanted = asked or cfg.frames_per_clip
         usable = min(wanted, frames.shape[0]) // cfg.tubelet_size * cfg.tubelet_size
         if usable < cfg.tubelet_size:
             raise ShapeError(

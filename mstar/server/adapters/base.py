@@ -86,6 +86,7 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise InvalidRequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
+        _check_message_keys(msg, i)
         role = msg.get("role")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
@@ -108,6 +109,7 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise InvalidRequestError(f"{where} must be an object with a 'type'", param=where)
             ptype = part["type"]
+            _check_part_keys(part, ptype, where)
             if ptype in ("text", "input_text"):
                 text = part.get("text")
                 if not isinstance(text, str):
@@ -120,6 +122,8 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
                     f"{where} has unsupported type {ptype!r}; supported: text, {', '.join(_MEDIA_PARTS)}", param=where
                 )
             body = part.get(ptype)
+            if ptype == "input_image" and body is None:  # the Responses API's shape: {type, image_url: "<url>"}
+                body = part.get("image_url")
             if ptype == "input_audio":
                 if not isinstance(body, dict) or not isinstance(body.get("data"), str):
                     raise MediaError(f"{where}.input_audio must be {{data: base64, format}}", param=where)
@@ -134,6 +138,53 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
     if not out:
         raise InvalidRequestError("messages must hold at least one message", param="messages")
     return out, args
+
+
+# Keys an OpenAI message may carry that this server honours; a null value counts as absent, so a
+# response message sent back as history (``refusal: null, tool_calls: null``) is accepted.
+_MESSAGE_KEYS = ("role", "content")
+_UNSUPPORTED_MESSAGE_KEYS = {
+    "tool_calls": "tool calls are not supported by this server",
+    "function_call": "function calls are not supported by this server",
+    "tool_call_id": "tool results are not supported by this server",
+    "name": "participant names are not supported; put who speaks in the content",
+    "audio": "a reference to an earlier audio answer is not supported; send the transcript as content",
+    "refusal": "refusals are not accepted as input",
+}
+_PART_KEYS = {"image_url": ("url", "detail"), "video_url": ("url",), "audio_url": ("url",), "input_audio": ("data", "format")}
+
+
+def _check_message_keys(msg: dict[str, Any], i: int) -> None:
+    for key, value in msg.items():
+        if key in _MESSAGE_KEYS or value is None:
+            continue
+        why = _UNSUPPORTED_MESSAGE_KEYS.get(key, f"accepted keys: {', '.join(_MESSAGE_KEYS)}")
+        raise InvalidParameterError(f"messages[{i}].{key} is not supported ({why})"[:300], param=f"messages[{i}].{key}")
+
+
+def _check_part_keys(part: dict[str, Any], ptype: str, where: str) -> None:
+    if ptype in ("text", "input_text"):
+        allowed = {"type", "text"}
+    elif ptype in _MEDIA_PARTS:
+        allowed = {"type", ptype} | ({"image_url", "detail"} if ptype == "input_image" else set())
+    else:
+        return  # an unknown type is refused by name by the caller
+    extra = sorted(k for k, v in part.items() if k not in allowed and v is not None)
+    if extra:
+        raise InvalidParameterError(f"{where} has unknown key(s) {', '.join(map(repr, extra))}"[:300], param=f"{where}.{extra[0]}")
+    body = part.get(ptype)
+    keys = _PART_KEYS.get(ptype)
+    if isinstance(body, dict) and keys is not None:
+        unknown = sorted(k for k, v in body.items() if k not in keys and v is not None)
+        if unknown:
+            raise InvalidParameterError(
+                f"{where}.{ptype} has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(keys)}"[:300],
+                param=f"{where}.{ptype}.{unknown[0]}",
+            )
+        detail = body.get("detail")
+        if detail is not None and detail not in ("auto", "low", "high"):
+            raise InvalidParameterError(f"{where}.{ptype}.detail must be auto, low or high; got {detail!r}"[:200],
+                                        param=f"{where}.{ptype}.detail")
 
 
 def flatten_text(messages: list[dict[str, Any]]) -> str:

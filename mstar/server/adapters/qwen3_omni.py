@@ -2,6 +2,8 @@
 
 Text sampling belongs to the Thinker (``thinker_*`` keys), speech to the
 Talker (``talker_*``, passed through ``extra_body``); the speaker is ``voice``.
+``use_audio_in_video`` (``extra_body``) makes the model hear each video's
+audio track along with its frames.
 """
 
 from __future__ import annotations

@@ -7,15 +7,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
-from litestar import Request, get, post
+from litestar import Request, Response, get, post
 
 from mstar.errors import ModelError, RequestTimeoutError
 from mstar.server.audio_encode import StreamingEncoder, TimeStretcher, ensure_encodable, mime_type
-from mstar.server.call import open_call
+from mstar.server.call import RouteCall, open_call
 from mstar.server.openai_schema import SpeechRequest, parse_speech
 from mstar.server.sse import sse, sse_error
 from mstar.server.state import server_state
-from mstar.server.streaming import AsyncEvents, stream_response
+from mstar.server.streaming import AsyncEvents, stream_response, unless_disconnected
 from mstar.types import AudioChunk, Finished
 
 __all__ = ["ROUTES"]
@@ -24,8 +24,9 @@ __all__ = ["ROUTES"]
 class _Encoder:
     """Time-stretch (when speed != 1) then encode, set up on the first audio chunk."""
 
-    def __init__(self, req: SpeechRequest) -> None:
+    def __init__(self, req: SpeechRequest, *, complete: bool = False) -> None:
         self.req = req
+        self.complete = complete  # one whole file: a WAV header with the real sizes
         self.encoder: StreamingEncoder | None = None
         self.stretch: TimeStretcher | None = None
         self.sample_rate: int | None = None
@@ -33,7 +34,8 @@ class _Encoder:
     def feed(self, chunk: AudioChunk) -> bytes:
         if self.encoder is None:
             self.sample_rate = chunk.sample_rate
-            self.encoder = StreamingEncoder(self.req.response_format, chunk.sample_rate, chunk.num_channels)
+            self.encoder = StreamingEncoder(self.req.response_format, chunk.sample_rate, chunk.num_channels,
+                                            complete=self.complete)
             if self.req.speed != 1.0:
                 self.stretch = TimeStretcher(self.req.speed, chunk.sample_rate, chunk.num_channels)
         elif chunk.sample_rate != self.sample_rate:
@@ -59,14 +61,32 @@ async def speech(request: Request[Any, Any, Any]) -> Any:
     if req.stream_format == "sse":
         return await stream_response(events, _sse(req, events), media_type="text/event-stream", headers=headers,
                                      what="speech", on_error=sse_error)
+    if req.response_format == "wav":
+        # A WAV file's header carries its sizes, known only at the end: the whole file is sent at once
+        # (stream with "pcm" or stream_format "sse", whose deltas keep the open-ended header).
+        return Response(await _whole(req, call, events), media_type=mime_type("wav"), headers=headers)
     # Raw bytes: the status line waits for the first audio, so early failures are real HTTP errors;
     # raw audio has no way to carry an error once bytes went out, so a later one cuts the response short.
     return await stream_response(events, _bytes(req, events), media_type=mime_type(req.response_format), headers=headers,
                                  what="speech")
 
 
-async def _audio_bytes(req: SpeechRequest, events: AsyncEvents) -> AsyncIterator[tuple[bytes, Finished | None]]:
-    enc = _Encoder(req)
+async def _whole(req: SpeechRequest, call: RouteCall, events: AsyncEvents) -> bytes:
+    """The complete file, sizes in its header; a client that disconnects first cancels the request."""
+
+    async def gather() -> bytes:
+        return b"".join([data async for data in _bytes(req, events, complete=True)])
+
+    try:
+        return await unless_disconnected(gather(), call.request.receive)
+    finally:
+        events.close()
+
+
+async def _audio_bytes(
+    req: SpeechRequest, events: AsyncEvents, *, complete: bool = False
+) -> AsyncIterator[tuple[bytes, Finished | None]]:
+    enc = _Encoder(req, complete=complete)
     async for ev in events:
         if isinstance(ev, AudioChunk) and ev.pcm:
             # Compressing and time-stretching cost CPU: keep them off the event loop.
@@ -80,8 +100,8 @@ async def _audio_bytes(req: SpeechRequest, events: AsyncEvents) -> AsyncIterator
             yield await anyio.to_thread.run_sync(enc.close), ev
 
 
-async def _bytes(req: SpeechRequest, events: AsyncEvents) -> AsyncGenerator[bytes, None]:
-    async for data, _ in _audio_bytes(req, events):
+async def _bytes(req: SpeechRequest, events: AsyncEvents, *, complete: bool = False) -> AsyncGenerator[bytes, None]:
+    async for data, _ in _audio_bytes(req, events, complete=complete):
         if data:
             yield data
 
