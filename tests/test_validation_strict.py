@@ -33,6 +33,7 @@ from mstar.models.params import Param
 from mstar.protocol import REQUEST_ID_MAX_LEN, check_request_id
 from mstar.scheduler import EarlyCancels
 from mstar.server import create_app, media_io
+from tests.helpers.corpus import check_error_answer
 from tests.helpers.media import media_recipe
 from tests.helpers.servers import ServerThread
 
@@ -112,19 +113,9 @@ def _send(srv: ServerThread, case: dict[str, Any], model: str) -> requests.Respo
 @pytest.mark.parametrize(("case", "model"), PAIRS, ids=[f"{c['name']}-{m}" for c, m in PAIRS])
 def test_bad_field_gets_a_4xx_naming_it(server_for: Callable[[str], ServerThread], case: dict[str, Any], model: str) -> None:
     resp = _send(server_for(model), case, model)
-    assert resp.status_code < 500, f"{case['name']} on {model}: {resp.status_code} {resp.text[:300]}"
-    assert resp.status_code == case["status"], f"{case['name']} on {model}: {resp.status_code} {resp.text[:300]}"
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and len(err["message"]) >= 15, err
+    err = check_error_answer(resp, case, f"{case['name']} on {model}")
     assert len(err["message"]) <= 600, "errors stay short, whatever the client sent"
     assert "Traceback" not in err["message"] and "/tmp" not in err["message"], err
-    if "code" in case:
-        assert err["code"] == case["code"], err
-    if "param" in case:
-        assert err["param"] == case["param"], err
-    if "message" in case:
-        assert case["message"].lower() in err["message"].lower(), err
 
 
 def test_corpus_is_large_unique_and_every_case_says_why() -> None:
