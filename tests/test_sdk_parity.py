@@ -210,3 +210,20 @@ def test_an_openai_part_means_what_the_placeholder_form_means(served: Any) -> No
         messages=_user({"type": "text", "text": "What is this?"}, {"type": "image"}), images=PNG, **QWEN)
     assert isinstance(openai_form, GenerateResult) and isinstance(placeholder_form, GenerateResult)
     assert _result(openai_form) == _result(placeholder_form)
+
+
+def test_a_raw_generate_call_with_a_data_url_part_means_the_same(served: Any) -> None:
+    import json
+
+    import requests
+
+    s = served("qwen3_omni")
+    messages = _user({"type": "text", "text": "What is this?"},
+                     {"type": "image_url", "image_url": {"url": _data_url("image/png", PNG)}})
+    form = {"messages": (None, json.dumps(messages)), "streaming": (None, "false"),
+            "model_kwargs": (None, json.dumps(QWEN))}
+    answer = requests.post(s.url + "/generate", files=form, timeout=120)
+    assert answer.status_code == 200, answer.text
+    local = s.engine.generate(messages=messages, **QWEN)
+    assert isinstance(local, GenerateResult)
+    assert _result(GenerateResult.from_json(answer.json())) == _result(local)

@@ -53,6 +53,9 @@ from mstar.weights import TINY
 
 __all__ = ["Qwen3OmniRunner"]
 
+# Talker tokens needed for one frame of audio (its first code is framed by the next step).
+_MIN_TALKER_TOKENS = 2
+
 SAMPLE_RATE = 24000
 
 #: The registry entry: the voice list users see and the default voice come from here.
@@ -200,6 +203,13 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
         if "audio" in output_modalities and self.talker is None:
             raise InvalidRequestError(
                 "this checkpoint has no Talker: audio output is unavailable", param="output_modalities"
+            )
+        if "audio" in output_modalities and params["talker_max_output_tokens"] < _MIN_TALKER_TOKENS:
+            # The Talker's first code becomes a frame only with the next step: one token is never audio.
+            raise InvalidParameterError(
+                f"talker_max_output_tokens must be at least {_MIN_TALKER_TOKENS} for audio output (the least "
+                f"that yields one codec frame); got {params['talker_max_output_tokens']}",
+                param="talker_max_output_tokens",
             )
         return params
 
