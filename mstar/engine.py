@@ -29,7 +29,7 @@ from mstar.media import MediaArg, normalize_media, with_limits
 from mstar.media_limits import DEFAULT_LIMITS, MediaLimits
 from mstar.messages import inline_media, place_media
 from mstar.models.base import ModelRunner
-from mstar.protocol import check_request_id, parse_modalities
+from mstar.protocol import check_request_id, check_seed, check_timeout, parse_modalities
 from mstar.registry import ModelInfo, get_model_info, load_runner_class
 from mstar.request import Request, RequestInputs
 from mstar.scheduler import Scheduler
@@ -150,6 +150,13 @@ class Engine(GenerateSugar[EventStream]):
     decode to (pixels, seconds, frames, bytes); over a cap is a 413
     :class:`~mstar.errors.MediaTooLargeError`.
 
+    ``tensor_parallel_size=N`` (default 1) shards the autoregressive backbone over N ranks on
+    this machine: this process is rank 0 and N - 1 worker processes are started (gloo on CPU,
+    NCCL with one GPU per rank on CUDA; see docs/scaling.md). A worker that dies fails the
+    requests of its step with :class:`~mstar.errors.WorkerFailedError` and :meth:`health`
+    reports the engine unhealthy. Scripts that build such an Engine at import time need the
+    usual ``if __name__ == "__main__":`` guard (workers are spawned, which re-imports the script).
+
     A text-to-speech model (Orpheus) speaks a text longer than ``speech_chunk_chars``
     as sentence-aligned chunks run side by side and heard in order as one request
     (:mod:`mstar.speech.chunked`); ``None`` or 0 speaks every text as one prompt.
@@ -169,6 +176,7 @@ class Engine(GenerateSugar[EventStream]):
         kv_cache_tokens: int | None = None,
         kv_block_size: int | None = None,
         batch_invariant: bool | None = None,
+        tensor_parallel_size: int = 1,
         max_queue: int = 1024,
         request_timeout: float | None = 600.0,
         speech_chunk_chars: int | None = DEFAULT_CHUNK_CHARS,
@@ -187,6 +195,7 @@ class Engine(GenerateSugar[EventStream]):
             kv_cache_tokens=kv_cache_tokens,
             kv_block_size=kv_block_size,
             batch_invariant=batch_invariant,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self.request_timeout = request_timeout
         self.media_limits = media_limits or DEFAULT_LIMITS
@@ -196,6 +205,11 @@ class Engine(GenerateSugar[EventStream]):
         #: Where the weights come from: the ``weights`` argument, else the family's published checkpoint.
         self.weights: str = weights if weights is not None else self.info.hub_id
         runner_cls = load_runner_class(model)
+        if tensor_parallel_size > 1 and not getattr(runner_cls, "supports_tensor_parallel", False):
+            raise InvalidParameterError(
+                f"{self.info.name} does not support tensor parallelism (supported: orpheus, qwen3_omni, bagel)",
+                param="tensor_parallel_size",
+            )
         self.runner: ModelRunner[Any, Any] = runner_cls(weights=self.weights, settings=self.settings)
         self.scheduler = Scheduler(self.runner, max_active=self.runner.sizing.max_batch_size, max_waiting=max_queue)
         self._closed = False
@@ -216,6 +230,13 @@ class Engine(GenerateSugar[EventStream]):
     def closed(self) -> bool:
         """True once :meth:`close` ran (explicitly, by a ``with`` block, or at interpreter exit)."""
         return self._closed
+
+    def health(self) -> str | None:
+        """None while the engine can serve; otherwise why it cannot (closed, or a part of it failed,
+        such as a tensor-parallel worker). The server's ``/ready`` answers 503 with this reason."""
+        if self._closed:
+            return "the engine is closed"
+        return self.runner.health()
 
     def accepted_kwargs(self) -> list[str]:
         """The model_kwargs keys this model accepts (names only; :meth:`describe` has types and ranges)."""
@@ -489,23 +510,11 @@ def _parse_chunk_chars(value: int | None) -> int | None:
 
 
 def _parse_seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise InvalidParameterError(f"seed must be an integer, got {value!r}", param="seed")
-    try:
-        seed = int(value)
-    except ValueError:
-        raise InvalidParameterError(f"seed must be an integer, got {value!r}", param="seed") from None
-    if not 0 <= seed < 2**63:
-        raise InvalidParameterError(f"seed must be between 0 and 2**63-1, got {seed}", param="seed")
-    return seed
+    return check_seed(value)  # the rule the server and the client share (mstar/protocol.py)
 
 
 def _parse_timeout(value: Any, default: float | None) -> float | None:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 86400:
-        raise InvalidParameterError(f"timeout must be a number of seconds in (0, 86400], got {value!r}", param="timeout")
-    return float(value)
+    return default if value is None else check_timeout(value)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

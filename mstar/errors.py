@@ -23,7 +23,10 @@ The hierarchy, so you know what to catch::
     ├── ServiceError                  the service cannot take it now (HTTP 429/503/504)
     │   ├── RateLimitError            429: queue full; carries ``retry_after``
     │   ├── NotReadyError             503: the model is still loading
-    │   └── RequestTimeoutError       504: the request ran past its deadline
+    │   │   └── DrainingError         503: the server is shutting down; carries ``retry_after``
+    │   ├── RequestTimeoutError       504: the request ran past its deadline
+    │   ├── WorkerFailedError         503: a tensor-parallel worker died or failed a step
+    │   └── ReplicaFailedError        503: the Ray Serve replica running the request died
     ├── ModelError                    500: the model failed while running this request
     ├── WeightsError                  weights missing, unreadable or of the wrong shape
     └── TransportError                client side: the server could not be reached or talked to
@@ -47,6 +50,7 @@ __all__ = [
     "BodyTimeoutError",
     "ConflictError",
     "ConnectError",
+    "DrainingError",
     "EmptyInputError",
     "InvalidParameterError",
     "InvalidRequestError",
@@ -60,6 +64,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ProtocolError",
     "RateLimitError",
+    "ReplicaFailedError",
     "ReadTimeoutError",
     "RequestError",
     "RequestTimeoutError",
@@ -71,6 +76,7 @@ __all__ = [
     "UnknownVoiceError",
     "UnsupportedModalityError",
     "WeightsError",
+    "WorkerFailedError",
     "error_class_for_code",
     "error_for_status",
 ]
@@ -225,9 +231,38 @@ class NotReadyError(ServiceError):
     code = "not_ready"
 
 
+class DrainingError(NotReadyError):
+    """The server is shutting down (SIGTERM): it takes no new requests, and one still running when
+    the grace period ends is stopped with this error. Retry on another replica after ``retry_after``."""
+
+    code = "draining"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RequestTimeoutError(ServiceError):
     status_code = 504
     code = "timeout"
+
+
+class WorkerFailedError(ServiceError):
+    """A tensor-parallel worker process died, hung past the collective timeout, or failed a step:
+    the requests of that step fail with this error and the Engine reports itself unhealthy
+    (``Engine.health()``; the server's ``/ready`` answers 503). A new Engine is needed."""
+
+    status_code = 503
+    code = "worker_failed"
+
+
+class ReplicaFailedError(ServiceError):
+    """The Ray Serve replica running this request died or became unreachable (``mstar.serve_ray``):
+    its own in-flight requests fail with this error, the other replicas keep serving, and Ray
+    starts a replacement. Retrying the request is safe; it lands on a live replica."""
+
+    status_code = 503
+    code = "replica_failed"
 
 
 # ---------------------------------------------------------------- runtime
@@ -325,7 +360,7 @@ def error_for_status(
         cls = RequestError if 400 <= status < 500 else ModelError if status == 500 else ServiceError
     exc = MStarError.__new__(cls)
     MStarError.__init__(exc, message, param=param)
-    if isinstance(exc, RateLimitError):
+    if isinstance(exc, (RateLimitError, DrainingError)):
         exc.retry_after = retry_after
     exc.status_code = status
     if code:

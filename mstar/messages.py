@@ -25,10 +25,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mstar.errors import InvalidRequestError, MediaError
+from mstar.errors import InvalidParameterError, InvalidRequestError, MediaError
 from mstar.media import MediaItem
 
-__all__ = ["MEDIA_PART_TYPES", "PLACEHOLDER_TYPES", "TEXT_PART_TYPES", "MediaRef", "inline_media", "place_media"]
+__all__ = ["MEDIA_PART_TYPES", "MESSAGE_ROLES", "PLACEHOLDER_TYPES", "TEXT_PART_TYPES", "MediaRef", "check_content", "inline_media", "media_ref",
+           "place_media"]
 
 #: OpenAI part type -> the modality of the media it carries.
 MEDIA_PART_TYPES: dict[str, str] = {
@@ -41,6 +42,8 @@ MEDIA_PART_TYPES: dict[str, str] = {
 #: Parts that refer, in order, to the request's own media arguments.
 PLACEHOLDER_TYPES = ("image", "audio", "video")
 TEXT_PART_TYPES = ("text", "input_text")
+#: The roles a message may have, written exactly so (the OpenAI routes map "developer" onto "system").
+MESSAGE_ROLES = ("system", "user", "assistant")
 
 _ALL_TYPES = (*TEXT_PART_TYPES, *PLACEHOLDER_TYPES, *MEDIA_PART_TYPES)
 _FORMAT = re.compile(r"[A-Za-z0-9]{1,8}")
@@ -63,7 +66,40 @@ class MediaRef:
         return self.url is not None and self.url[:8].lower().startswith(("http://", "https://"))
 
 
-def _media_ref(part: dict[str, Any], ptype: str, where: str) -> MediaRef:
+# The keys each OpenAI media part's object may hold (a null value counts as absent), and image detail levels.
+_PART_KEYS = {"image_url": ("url", "detail"), "video_url": ("url",), "audio_url": ("url",), "input_audio": ("data", "format")}
+_DETAILS = ("auto", "low", "high")
+
+
+def _check_part_keys(part: dict[str, Any], ptype: str, where: str) -> None:
+    """Refuse keys a media part does not have, naming them: a typo never drops what the client meant."""
+    allowed = {"type", ptype} | ({"image_url", "detail"} if ptype == "input_image" else set())
+    extra = sorted(str(k) for k, v in part.items() if k not in allowed and v is not None)
+    if extra:
+        raise InvalidParameterError(f"{where} has unknown key(s) {', '.join(map(repr, extra))}"[:300], param=f"{where}.{extra[0]}")
+    body = part.get(ptype)
+    keys = _PART_KEYS.get(ptype)
+    if not isinstance(body, dict) or keys is None:
+        return
+    unknown = sorted(str(k) for k, v in body.items() if k not in keys and v is not None)
+    if unknown:
+        raise InvalidParameterError(
+            f"{where}.{ptype} has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(keys)}"[:300],
+            param=f"{where}.{ptype}.{unknown[0]}",
+        )
+    detail = body.get("detail")
+    if detail is not None and detail not in _DETAILS:
+        raise InvalidParameterError(f"{where}.{ptype}.detail must be auto, low or high; got {detail!r}"[:200],
+                                    param=f"{where}.{ptype}.detail")
+
+
+def media_ref(part: dict[str, Any], ptype: str, where: str) -> MediaRef:
+    """The media an OpenAI part of type ``ptype`` (a key of :data:`MEDIA_PART_TYPES`) carries, checked.
+
+    ``where`` ("messages[0].content[1]") names the part in errors. Unknown keys, an empty or
+    malformed ``input_audio.format`` and a ``detail`` other than auto/low/high are refused.
+    """
+    _check_part_keys(part, ptype, where)
     modality = MEDIA_PART_TYPES[ptype]
     body = part.get(ptype)
     if ptype == "input_image" and body is None:  # the Responses API puts the URL beside the type
@@ -94,10 +130,11 @@ def place_media(
     keep that part as it is (the client leaves remote URLs to the server). The returned lists
     hold the media of the placeholders in the order they appear, then the given items no
     placeholder referred to (the models place those themselves). ``input_text`` parts become
-    ``text`` parts. A part of an unknown type
-    raises :class:`MediaError` listing the accepted ones, a placeholder beyond the given items
-    :class:`InvalidRequestError`; text parts are passed through, and
-    everything else about the messages (roles, shapes) is left to the model to check.
+    ``text`` parts. A message that is not an object or whose role is not one of
+    :data:`MESSAGE_ROLES`, and a placeholder beyond the given items, raise
+    :class:`InvalidRequestError`; a part of an unknown type raises :class:`MediaError` listing the
+    accepted ones; text parts are passed through, and the rest (which roles and parts a model
+    takes) is left to the model to check.
     """
     queues = {m: list(given.get(m, ())) for m in PLACEHOLDER_TYPES}
     placed: dict[str, list[T]] = {m: [] for m in PLACEHOLDER_TYPES}
@@ -105,7 +142,8 @@ def place_media(
         return messages, {m: placed[m] + queues[m] for m in PLACEHOLDER_TYPES}
     out: list[Any] = []
     for i, msg in enumerate(messages):
-        content = msg.get("content") if isinstance(msg, dict) else None
+        _check_role(msg, i)
+        content = msg.get("content")
         if not isinstance(content, list):
             out.append(msg)
             continue
@@ -123,7 +161,7 @@ def place_media(
                 placed[ptype].append(queues[ptype].pop(0))
                 parts.append(part)
             elif isinstance(ptype, str) and ptype in MEDIA_PART_TYPES:
-                ref = _media_ref(part, ptype, where)
+                ref = media_ref(part, ptype, where)
                 item = resolve(ref)
                 if item is None:
                     parts.append(part)
@@ -140,6 +178,22 @@ def place_media(
                 )
         out.append({**msg, "content": parts})
     return out, {m: placed[m] + queues[m] for m in PLACEHOLDER_TYPES}
+
+
+def _check_role(msg: Any, i: int) -> None:
+    if not isinstance(msg, dict):
+        raise InvalidRequestError(f"messages[{i}] must be an object with 'role' and 'content'", param="messages")
+    role = msg.get("role")
+    if role not in MESSAGE_ROLES:
+        shown = repr(role) if len(repr(role)) <= 40 else repr(role)[:37] + "..."
+        raise InvalidRequestError(f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}; got {shown}", param="messages")
+    check_content(msg.get("content"), i)
+
+
+def check_content(content: Any, i: int) -> None:
+    """Refuse an empty list of parts as message ``i``'s content (as OpenAI does: a list holds at least one)."""
+    if isinstance(content, list) and not content:
+        raise InvalidRequestError(f"messages[{i}].content is an empty list; give at least one part (or a string)", param="messages")
 
 
 def _b64(text: str, what: str) -> bytes:

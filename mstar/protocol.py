@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mstar.errors import InvalidRequestError
+from mstar.errors import InvalidParameterError, InvalidRequestError
 
-__all__ = ["REQUEST_ID_CHARS", "REQUEST_ID_MAX_LEN", "check_request_id", "parse_modalities"]
+__all__ = ["REQUEST_ID_CHARS", "REQUEST_ID_MAX_LEN", "SEED_MAX", "TIMEOUT_MAX_S", "check_request_id", "check_seed",
+           "check_timeout", "parse_modalities"]
 
 #: The longest request id accepted anywhere (it travels in headers and URL paths).
 REQUEST_ID_MAX_LEN = 128
@@ -22,6 +23,11 @@ REQUEST_ID_MAX_LEN = 128
 REQUEST_ID_CHARS = "A-Z a-z 0-9 . _ ~ -"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._~-]+")
+
+#: The largest seed accepted: seeds are 63-bit, so every one fits a signed 64-bit integer.
+SEED_MAX = 2**63 - 1
+# A seed written as text: ASCII digits only ("１２８", "٣", "1_000" and " 5" are what int() also reads).
+_SEED_TEXT = re.compile(r"[0-9]{1,19}")
 
 
 def check_request_id(value: object) -> str:
@@ -47,6 +53,32 @@ def check_request_id(value: object) -> str:
     if value in (".", ".."):
         raise InvalidRequestError(f"request_id {value!r} is not usable: it reads as a URL path step", param="request_id")
     return value
+
+
+def check_seed(value: object) -> int:
+    """``value`` as a seed in ``0 .. SEED_MAX``: an integer, or ASCII digits as text; else a typed error."""
+    if isinstance(value, str) and _SEED_TEXT.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise InvalidParameterError(f"seed must be an integer from 0 to 2**63-1, got {shown}", param="seed")
+    if not 0 <= value <= SEED_MAX:
+        shown = str(value) if value.bit_length() <= 128 else "an integer of more than 38 digits"
+        raise InvalidParameterError(f"seed must be from 0 to 2**63-1, got {shown}", param="seed")
+    return value
+
+
+#: The longest per-request deadline accepted, in seconds (a day).
+TIMEOUT_MAX_S = 86400
+
+
+def check_timeout(value: object) -> float:
+    """``value`` as a deadline in seconds, in ``(0, TIMEOUT_MAX_S]``; else a typed error naming the range."""
+    # Compared before float(): an integer of 400 digits is out of range, not an OverflowError.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= TIMEOUT_MAX_S:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise InvalidParameterError(f"timeout must be a number of seconds in (0, {TIMEOUT_MAX_S}], got {shown}", param="timeout")
+    return float(value)
 
 
 def parse_modalities(value: Sequence[str] | str | None, name: str) -> tuple[str, ...] | None:

@@ -28,6 +28,10 @@ field                meaning
                      faster per row at batch 8 and more) and results may differ
                      in the last bits with the batch (mstar/layers/invariant.py)
 ===================  ==========================================================
+
+``tensor_parallel_size`` (not a sizing: the same for every family) is the number of
+ranks the autoregressive backbones are sharded over, this process plus N - 1 worker
+processes (mstar/parallel/); 1, the default, starts nothing.
 """
 
 from __future__ import annotations
@@ -75,8 +79,14 @@ class RunnerSettings:
     kv_cache_tokens: int | None = None
     kv_block_size: int | None = None
     batch_invariant: bool | None = None
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise InvalidParameterError(
+                f"tensor_parallel_size must be a positive integer, got {tp!r}", param="tensor_parallel_size"
+            )
         for name in _SIZES:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

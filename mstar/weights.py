@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ __all__ = [
     "component_override",
     "hub_offline",
     "resolve_checkpoint_dir",
+    "tiny_checkpoint_path",
     "tiny_state_dict",
 ]
 
@@ -58,20 +59,31 @@ def _config_digest(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def tiny_checkpoint_path(name: str, config: Any) -> Path:
+    """Where :func:`tiny_state_dict` caches ``name``/``config`` (tensor-parallel workers read their slices there)."""
+    return cache_root() / "tiny" / f"{name}-{_config_digest(config)}.safetensors"
+
+
 def tiny_state_dict(
-    name: str, config: Any, build: Callable[[], dict[str, torch.Tensor]], *, seed: int = 0
+    name: str,
+    config: Any,
+    build: Callable[[], dict[str, torch.Tensor]],
+    *,
+    seed: int = 0,
+    exclude: Container[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Load the cached tiny checkpoint for ``name``/``config``, building it on first use.
 
     ``build`` creates the state dict; it runs under ``torch.manual_seed(seed)``
-    on the CPU so the tensors are the same on every machine.
+    on the CPU so the tensors are the same on every machine. Names in ``exclude`` are left out
+    and never read from the cached file (tensor-parallel rank 0 reads its slices of them later).
     """
     from safetensors.torch import load_file, save_file
 
-    path = cache_root() / "tiny" / f"{name}-{_config_digest(config)}.safetensors"
+    path = tiny_checkpoint_path(name, config)
     if path.exists():
         try:
-            return load_file(str(path))
+            return _read_except(path, exclude) if exclude else load_file(str(path))
         except Exception:
             path.unlink(missing_ok=True)  # a torn write from an interrupted run: rebuild
     with torch.random.fork_rng(devices=[]):
@@ -81,7 +93,14 @@ def tiny_state_dict(
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file(state, str(tmp))
     os.replace(tmp, path)
-    return state
+    return {k: v for k, v in state.items() if k not in exclude} if exclude else state
+
+
+def _read_except(path: Path, exclude: Container[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k not in exclude}  # noqa: SIM118 - no iteration
 
 
 def resolve_checkpoint_dir(weights: str | os.PathLike[str], *, allow_patterns: list[str] | None = None) -> Path:

@@ -413,7 +413,7 @@ def test_qwen3_omni_input_audio_refuses_playlists(canary_dir: Path, served: Any,
     content = [{"type": "text", "text": "what"}, {"type": "input_audio", "input_audio": audio}]
     body: dict[str, Any] = {"model": "qwen3_omni", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
     err = _error(requests.post(s.url + "/v1/chat/completions", json=body, timeout=120))
-    _assert_refused_cleanly(err["message"], "audio", "base64 audio data")
+    _assert_refused_cleanly(err["message"], "audio", "messages[0].content[1]")  # where the client put it
 
 
 @pytest.mark.parametrize("kind", ["tiff", "pcx", "ico", "eps"])
@@ -423,5 +423,5 @@ def test_bagel_image_url_refuses_exotic_images(served: Any, no_ghostscript: list
     content = [{"type": "text", "text": "what"}, {"type": "image_url", "image_url": {"url": url}}]
     body: dict[str, Any] = {"model": "bagel", "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
     err = _error(requests.post(s.url + "/v1/chat/completions", json=body, timeout=120))
-    _assert_refused_cleanly(err["message"], "image", "image data URL")
+    _assert_refused_cleanly(err["message"], "image", "messages[0].content[1]")
     assert no_ghostscript == []

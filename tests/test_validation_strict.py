@@ -15,6 +15,7 @@ a server that trickles.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
@@ -30,7 +31,7 @@ import requests
 import mstar
 from mstar.errors import InvalidParameterError, InvalidRequestError, MediaError
 from mstar.models.params import Param
-from mstar.protocol import REQUEST_ID_MAX_LEN, check_request_id
+from mstar.protocol import REQUEST_ID_MAX_LEN, SEED_MAX, check_request_id, check_seed, check_timeout
 from mstar.scheduler import EarlyCancels
 from mstar.server import create_app, media_io
 from tests.helpers.corpus import check_error_answer
@@ -120,11 +121,13 @@ def test_bad_field_gets_a_4xx_naming_it(server_for: Callable[[str], ServerThread
 
 def test_corpus_is_large_unique_and_every_case_says_why() -> None:
     names = [c["name"] for c in CASES]
-    assert len(names) >= 150 and len(names) == len(set(names))
+    assert len(names) >= 270 and len(names) == len(set(names))
     assert all(c.get("why") for c in CASES)
     assert all(400 <= c["status"] < 500 for c in CASES)
     for prefix in ("gen_request_id_", "cancel_path_", "gen_multipart_", "chat_max_tokens_", "speech_response_format_",
-                   "images_size_", "images_seed_overflow", "edits_", "chat_raw_", "gen_model_kwargs_"):
+                   "images_size_", "images_seed_overflow", "edits_", "chat_raw_", "gen_model_kwargs_",
+                   "gen_model_kwargs_seed_text_", "gen_query_", "gen_messages_role_", "gen_messages_part_", "gen_urlencoded_",
+                   "gen_json_duplicate_key", "chat_user_", "gen_upload_bomb_names_the_file", "describe_query_"):
         assert any(n.startswith(prefix) for n in names), prefix
 
 
@@ -288,3 +291,110 @@ def test_a_fetch_failure_is_worded_without_errno_or_library_names() -> None:
                               resolve=lambda host, port: ["127.0.0.1"])
     message = info.value.message
     assert "refused" in message and "Errno" not in message and "ConnectionRefusedError" not in message
+
+
+# --------------------------------------------------------------------------- seeds and timeouts, one rule everywhere
+
+
+@pytest.mark.parametrize("value", ["１２８", "٣", "1_000", " 5", "0x10", "5.0", "7" * 5000, -1, 2**63, True, 1.0, None])
+def test_seed_rule_refuses_what_int_would_wrongly_read(value: Any) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        check_seed(value)
+    assert info.value.param == "seed" and "2**63-1" in info.value.message and len(info.value.message) < 120
+
+
+@pytest.mark.parametrize(("value", "seed"), [("0", 0), ("12", 12), (SEED_MAX, SEED_MAX), (str(SEED_MAX), SEED_MAX)])
+def test_seed_rule_accepts_ascii_integers_in_range(value: Any, seed: int) -> None:
+    assert check_seed(value) == seed
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), 0, -1, 86401, "5", True, float("inf")])
+def test_timeout_rule_refuses_out_of_range_without_overflow(value: Any) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        check_timeout(value)
+    assert info.value.param == "timeout" and len(info.value.message) < 120
+
+
+# --------------------------------------------------------------------------- message roles in-process
+
+
+@pytest.mark.parametrize("role", ["USER", "", "tool", "function", None, 5])
+def test_engine_refuses_a_message_role_it_does_not_know(shared_engine: Callable[[str], mstar.Engine], role: Any) -> None:
+    with pytest.raises(InvalidRequestError, match="must be one of system, user, assistant|must be an object") as info:
+        shared_engine("fake").generate(messages=[{"role": role, "content": "hi"}])
+    assert info.value.param == "messages"
+
+
+# --------------------------------------------------------------------------- upload names
+
+
+def test_saved_uploads_carry_the_clients_name_and_leave_nothing_behind(tmp_path: Path) -> None:
+    from tests.helpers.media import make_png
+
+    scope = media_io.UploadScope(tmp_path, media_io.MediaPolicy())
+    names = ["holiday photo.png", "../../etc/passwd.png", "a\x00b\r\n.png", "фото.png", "x" * 400 + ".png"]
+    saved = [scope.save_upload(name, make_png())[1] for name in names] + [scope.save(make_png(), ".png", name="..")[1]]
+    assert [p.name for p in saved[:4]] == ["holiday photo.png", "passwd.png", "a_b__.png", "фото.png"]
+    assert all(p.parent.parent == tmp_path for p in saved), "every name stays inside the upload directory"
+    assert len(saved[4].name.encode()) <= 120 and saved[5].name == "upload"
+    scope.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_decoder_error_names_the_clients_part_not_the_servers_file(server_for: Callable[[str], ServerThread]) -> None:
+    from tests.helpers.media import media_recipe
+
+    url = "data:image/png;base64," + base64.b64encode(media_recipe("png_bomb_100k_square")).decode()
+    body = {"model": "fakeimg", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    resp = requests.post(server_for("bagel").url + "/v1/chat/completions", json={**body, "model": "bagel"}, timeout=60)
+    err = resp.json()["error"]
+    assert resp.status_code == 413 and "image 'messages[0].content[0]'" in err["message"], err
+    assert re.search(r"[0-9a-f]{32}", err["message"]) is None
+
+
+# --------------------------------------------------------------------------- the speech WebSocket reads JSON as strictly
+
+
+def _ws_first_error(srv: ServerThread, *messages: str) -> dict[str, Any]:
+    from websockets.sync.client import connect
+
+    with connect(srv.url.replace("http://", "ws://") + "/v1/audio/speech/stream", open_timeout=10) as ws:
+        for message in messages:
+            ws.send(message)
+        event = json.loads(ws.recv(timeout=30))
+    assert event["type"] == "error", event
+    return dict(event)
+
+
+@pytest.mark.parametrize(("message", "words"), [
+    ('{"type": "session.config", "voice": ' + "[" * 990 + "]" * 990 + "}", "nested too deeply"),
+    ('{"type": "session.config", "temperature": NaN}', "NaN"),
+    ('{"type": "session.config", "type": "input.text"}', "'type' twice"),
+    ('{"type": "session.config", "top_k": "²"}', "type int"),
+    ('{"type": "session.config", "max_new_tokens": "١٢"}', "type int"),
+    ('{"type": "session.config", "user": 5}', "must be a string"),
+], ids=["deep", "nan", "duplicate-key", "kwarg-superscript", "kwarg-arabic-digits", "user-number"])
+def test_a_bad_session_config_is_a_400_error_event_before_any_text(server_for: Callable[[str], ServerThread],
+                                                                   message: str, words: str) -> None:
+    event = _ws_first_error(server_for("orpheus"), message)
+    assert event["status"] == 400 and words in event["message"], event
+
+
+# --------------------------------------------------------------------------- fetch errors in our words
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.png", "http://host:99999/x.png", "http://host:port/x.png"])
+def test_a_malformed_media_url_is_worded_without_library_text(url: str) -> None:
+    with pytest.raises(MediaError) as info:
+        media_io.fetch_remote(url, max_bytes=1024, timeout=1.0, resolve=lambda host, port: ["127.0.0.1"])
+    assert "malformed" in info.value.message and "cast" not in info.value.message and "Port out of range" not in info.value.message
+
+
+def test_an_unresolvable_host_is_worded_without_errno(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_such_host(*_args: Any, **_kwargs: Any) -> Any:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    with pytest.raises(MediaError) as info:
+        media_io.fetch_remote("http://nowhere.invalid/x.png", max_bytes=1024, timeout=1.0)
+    assert "no address was found" in info.value.message and "Errno" not in info.value.message

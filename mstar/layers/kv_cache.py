@@ -168,8 +168,7 @@ class KVCache:
             block = table[i]
             if self._refs[block] > 1:  # copy on write
                 fresh = self._take()
-                self.k[:, fresh] = self.k[:, block]
-                self.v[:, fresh] = self.v[:, block]
+                self._copy_block(block, fresh)
                 self._unref(block)
                 table[i] = fresh
             elif block in self._hash_of:  # about to change: it no longer holds what its name says
@@ -251,6 +250,12 @@ class KVCache:
         return out
 
     # ---- block pool
+    def _copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys and values in every layer (the only place the cache moves data:
+        a tensor-parallel cache overrides it to have its workers repeat the copy)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     def _take(self) -> int:
         if self._free_blocks:
             block = self._free_blocks.pop()

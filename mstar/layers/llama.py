@@ -13,6 +13,7 @@ whatever else shares its batch, so seeded sampling does not depend on load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -143,10 +144,13 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype,
         block_size: int = 16,
         num_blocks: int | None = None,
+        factory: Callable[..., KVCache] = KVCache,
     ) -> KVCache:
-        """A paged cache shaped for this model (``num_blocks`` default: every slot at ``max_len``)."""
+        """A paged cache shaped for this model (``num_blocks`` default: every slot at ``max_len``).
+
+        ``factory`` builds it (tensor parallelism passes one that keeps this rank's heads)."""
         cfg = self.config
-        return KVCache(
+        return factory(
             num_layers=cfg.num_hidden_layers,
             num_slots=num_slots,
             max_len=max_len,

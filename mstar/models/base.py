@@ -107,6 +107,10 @@ class ModelRunner(ABC, Generic[PreparedT, StateT]):
         """What this runner holds (KV) and has done (batched calls per component)."""
         return RunnerStats(activity=self.activity)
 
+    def health(self) -> str | None:
+        """None while the runner can serve, else why not (e.g. a tensor-parallel worker died)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free model memory."""
 

@@ -4,7 +4,8 @@ Authentication is the app-wide :func:`auth_guard`. Then each route that runs
 the model opens its request with ``async with open_call(request, surface) as call``,
 which
 
-* answers 503 while the model loads, and 404 when the model lacks the OpenAI
+* answers 503 while the model loads or the server drains for shutdown, and 404
+  when the model lacks the OpenAI
   ``surface`` (``"chat"``, ``"speech"``, ``"images"``, ``"image_edits"``;
   None for the native ``/generate``), before a possibly large body is read;
 * opens the request's :class:`~mstar.server.media_io.UploadScope`
@@ -13,6 +14,10 @@ which
   an OpenAI request off the event loop (:meth:`RouteCall.translate`), and
   starts requests (:meth:`RouteCall.start`: an admission slot, left at once if
   the client hangs up while queued, then the engine).
+
+Each call carries a :class:`~mstar.server.metrics.CallRecord` (``call.record``) that
+its events feed, and its events are listed in ``ServerState.inflight`` while they
+run, so a draining server can end them.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from litestar.handlers.base import BaseRouteHandler
 
 from mstar.errors import AuthenticationError
 from mstar.server.adapters import OpenAIAdapter, SubmitArgs
+from mstar.server.fields import refuse_query
 from mstar.server.jsonio import read_json
 from mstar.server.media_io import UploadScope
+from mstar.server.metrics import CallRecord
 from mstar.server.multipart import Form, media_type, read_form
 from mstar.server.state import ServerState, server_state
 from mstar.server.streaming import AsyncEvents, collect, submit, unless_disconnected
@@ -43,9 +50,13 @@ R = TypeVar("R")
 
 
 def auth_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """Bearer-token check on every route but those marked ``opt={"public": True}`` (/health)."""
-    if not handler.opt.get("public"):
-        check_api_key(connection)
+    """Bearer-token check on every route but those marked ``opt={"public": True}`` (/health), and
+    ``/metrics`` (``opt={"metrics": True}``) when the server runs with ``public_metrics``."""
+    if handler.opt.get("public"):
+        return
+    if handler.opt.get("metrics") and server_state(connection).config.public_metrics:
+        return
+    check_api_key(connection)
 
 
 def check_api_key(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
@@ -69,6 +80,7 @@ class RouteCall:
     request: Request[Any, Any, Any]
     state: ServerState
     uploads: UploadScope
+    record: CallRecord
     surface: str | None = None
 
     @property
@@ -104,7 +116,18 @@ class RouteCall:
         except BaseException:
             admission.release()
             raise
-        return AsyncEvents(stream, on_close=admission.release)
+        inflight = self.state.inflight
+
+        def closed() -> None:
+            inflight.discard(events)
+            admission.release()
+
+        events = AsyncEvents(stream, on_close=closed, observer=self.record)
+        inflight.add(events)
+        self.record.opened = True
+        if self.state.aborting is not None:  # the drain's grace ended while this request was submitted
+            events.abort(self.state.aborting())
+        return events
 
     async def collect(self, events: AsyncEvents) -> list[Event]:
         """Every event of ``events`` (closing them); a client that disconnects first cancels the request."""
@@ -119,9 +142,13 @@ class RouteCall:
 async def open_call(request: Request[Any, Any, Any], surface: str | None = None) -> AsyncIterator[RouteCall]:
     """Check the route applies to the served model, then open the request's upload scope."""
     state = server_state(request)
+    record = CallRecord.attach(request, state.model)
+    if state.draining:
+        raise state.draining_error()
     if surface is None:
         state.holder.engine  # 503 before reading a large body for nothing  # noqa: B018
     else:
         state.adapter(surface=surface)  # 404 (or 503) before reading the body
+    refuse_query(request.query_params, request.url.path)  # model routes read their fields from the body only
     with state.uploads() as uploads:
-        yield RouteCall(request, state, uploads, surface)
+        yield RouteCall(request, state, uploads, record, surface)

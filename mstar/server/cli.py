@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sizing.add_argument("--kv-block-size", type=int, default=None, help="positions per KV block")
     sizing.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="CPU: seeded results independent of the batch (default on); off is faster when batching")
+    sizing.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model's backbone over N ranks on this machine (N-1 worker processes; "
+                        "one GPU per rank on CUDA); see docs/scaling.md")
     p.add_argument("--upload-dir", type=Path, default=None,
                    help="where request media is saved while a request runs; files are deleted when it ends "
                    "(default: a fresh temporary directory)")
@@ -86,12 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-media", action="store_true",
                    help="let requests reference http(s) media URLs; only public addresses are fetched "
                    "(private, loopback, link-local ... are refused on every redirect hop), size- and time-capped")
+    p.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM the server stops admitting (/ready and new requests answer 503) and gives "
+                   "running requests this many seconds to finish, then ends the rest with an error and exits 0; "
+                   "a second SIGTERM or Ctrl+C ends the grace period at once")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve GET /metrics without the API key (by default it needs it, like every route but "
+                   "/health; Prometheus can send it with authorization: {credentials: KEY})")
     p.add_argument("--api-key", default=os.environ.get("MSTAR_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $MSTAR_API_KEY, "
                    "else no auth)")
     p.add_argument("--speech-chunk-chars", type=int, default=400,
                    help="text-to-speech models speak a longer text as sentence-aligned chunks of at most this "
                    "many characters, run side by side and streamed in order (0 speaks every text as one prompt)")
+    replicas = p.add_argument_group(
+        "replicas (Ray Serve)", "serve on several replicas, one Engine each, with Ray Serve (pip install 'mstar[ray]'; "
+        "see docs/scaling.md); the server then admits --replica-concurrency times the most replicas"
+    )
+    replicas.add_argument("--replicas", type=int, default=None,
+                          help="replicas to run (a fixed count; with --min/--max-replicas, the count to start with)")
+    replicas.add_argument("--ray-address", default=None,
+                          help="join this Ray cluster ('auto', or HEAD_IP:6379) instead of starting one on this machine")
+    replicas.add_argument("--min-replicas", type=int, default=None, help="autoscaling: the fewest replicas")
+    replicas.add_argument("--max-replicas", type=int, default=None, help="autoscaling: the most replicas")
+    replicas.add_argument("--target-ongoing-requests", type=float, default=None,
+                          help="autoscaling: the requests per replica Ray Serve scales to keep")
+    replicas.add_argument("--replica-concurrency", type=int, default=None,
+                          help="requests one replica runs at once (default: --max-batch-size, else 16)")
+    replicas.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    replicas.add_argument("--gpus-per-replica", type=float, default=None,
+                          help="GPUs Ray reserves for each replica (default: one per tensor-parallel rank when the "
+                          "cluster has GPUs and --device is not cpu, else none)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity")
     return p
 
@@ -130,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_concurrent < 1 or args.max_queue < 0 or args.max_upload_mb <= 0:
         print("mstar-server: --max-concurrent must be >= 1, --max-queue >= 0 and --max-upload-mb > 0", file=sys.stderr)
         return 2
+    if args.shutdown_grace_s < 0:
+        print("mstar-server: --shutdown-grace-s must be >= 0", file=sys.stderr)
+        return 2
     try:
         limits = media_limits(args)
     except MStarError as exc:
@@ -151,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_cache_tokens=args.kv_cache_tokens,
             kv_block_size=args.kv_block_size,
             batch_invariant=args.batch_invariant,
+            tensor_parallel_size=args.tensor_parallel_size,
             media_limits=limits,
             speech_chunk_chars=args.speech_chunk_chars,
         )
@@ -163,7 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_remote_media=args.allow_remote_media,
         api_key=args.api_key,
         body_timeout=args.body_timeout or None,
+        shutdown_grace_s=args.shutdown_grace_s,
+        public_metrics=args.public_metrics,
     )
+    from mstar.serve_ray.cli import serve_replicas, wants_replicas
+
+    if wants_replicas(args):  # Ray Serve's proxy serves the same app instead of uvicorn here
+        return serve_replicas(args, config, limits)
     failed: list[BaseException] = []
 
     def load_or_stop():  # type: ignore[no-untyped-def]
@@ -177,7 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The model loads on a background thread: /health answers at once, /ready says 503 until loaded.
     app = create_app(load_or_stop, model=args.model, config=config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    from mstar.server.drain import DrainingServer
+
+    # uvicorn's own wait for open connections is a backstop: the drain has ended every request by then.
+    server = DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5),
+        state=app.state["mstar"],
+    )
     server.run()
     if failed:
         print(load_failure_message(args.model, failed[0]), file=sys.stderr)

@@ -5,6 +5,7 @@ Every error, on every route and mid-stream too (see :mod:`mstar.server.sse`), ha
 mstar's typed errors carry their own ``status_code`` and ``code``; framework
 errors (unknown route, wrong method, oversized body) are mapped to the
 matching mstar error; anything else is a 500 whose detail stays in the log.
+The handlers also count the failed request in the metrics (:func:`~mstar.server.metrics.finish_request`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from litestar.exceptions import HTTPException
 
 from mstar.errors import (  # BodyTimeoutError, MethodNotAllowedError: defined with the others, re-exported here
     BodyTimeoutError,
+    DrainingError,
     InvalidRequestError,
     MethodNotAllowedError,
     MStarError,
@@ -27,6 +29,7 @@ from mstar.errors import (  # BodyTimeoutError, MethodNotAllowedError: defined w
     RequestError,
     ServiceError,
 )
+from mstar.server.metrics import finish_request
 from mstar.server.streaming import ClientDisconnected
 from mstar.types import ErrorChunk
 
@@ -93,7 +96,7 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 def _headers(err: MStarError) -> dict[str, str]:
     headers: dict[str, str] = {}
-    if isinstance(err, RateLimitError) or err.status_code in (429, 503):
+    if isinstance(err, (RateLimitError, DrainingError)) or err.status_code in (429, 503):
         retry = getattr(err, "retry_after", None) or 1.0
         headers["Retry-After"] = str(max(1, math.ceil(retry)))
     if err.status_code == 401:
@@ -125,11 +128,14 @@ def _handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         what = "no such route" if exc.status_code == 404 else "method not allowed on"
         exc = as_mstar_error(exc)
         exc.message = f"{what}: {request.method} {request.url.path}"
-    return error_response(exc)
+    err = as_mstar_error(exc)
+    finish_request(request, err.status_code, str(err.code))
+    return error_response(err)
 
 
-def _gone(_request: Request[Any, Any, Any], _exc: Exception) -> Response[Any]:
+def _gone(request: Request[Any, Any, Any], _exc: Exception) -> Response[Any]:
     # Nobody is listening; 499 (client closed request) shows up in access logs.
+    finish_request(request, 499)
     return Response(b"", status_code=499)
 
 

@@ -30,9 +30,11 @@ __all__ = [
     "choice",
     "form_bool",
     "integer",
+    "json_kind",
     "number",
     "parse_int_text",
     "parse_number_text",
+    "refuse_query",
     "refuse_unknown",
     "string",
 ]
@@ -130,6 +132,16 @@ def refuse_unknown(given: Iterable[str], accepted: Iterable[str], where: str, *,
         )
 
 
+def refuse_query(params: Iterable[str], route: str) -> None:
+    """Refuse a query string on a route that reads none: ``/generate?request_id=x`` must not look honoured."""
+    given = sorted(set(params))
+    if given:
+        raise InvalidParameterError(
+            f"{route} takes no query parameters; got {', '.join(map(_shown, given))} (send every field in the body)"[:300],
+            param=given[0],
+        )
+
+
 def form_bool(value: str, name: str) -> bool:
     """A form field's text as a boolean (true/false, 1/0, yes/no, on/off)."""
     v = value.strip().lower()
@@ -161,7 +173,14 @@ def parse_number_text(text: str, name: str) -> float:
     return value
 
 
+def json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in words for an error ("an array", "the number 5", "null")."""
+    return _kind(value)
+
+
 def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, float):

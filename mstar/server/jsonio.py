@@ -58,15 +58,20 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 def loads_strict(raw: str | bytes, what: str, param: str | None = None) -> Any:
     """Decode one JSON value strictly; ``what`` names it in errors ("the request body", "model_kwargs").
 
-    Refused with a 400: text that is not JSON (or not UTF-8), ``NaN``/``Infinity`` (not JSON numbers,
-    though Python's decoder takes them), nesting deeper than :data:`MAX_JSON_DEPTH`, and lone surrogates.
+    Refused with a 400: text that is not JSON or not UTF-8 (RFC 8259; Python's decoder would also
+    take UTF-16 and UTF-32), ``NaN``/``Infinity`` (not JSON numbers, though Python's decoder takes
+    them), an object naming a key twice (which one was meant?), nesting deeper than
+    :data:`MAX_JSON_DEPTH`, and lone surrogates. A leading UTF-8 byte-order mark is ignored.
     """
     # A field's value is a wrong parameter (400 invalid_parameter); a whole body is a bad request.
     bad = InvalidParameterError if param is not None else InvalidRequestError
     try:
-        doc = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8") if isinstance(raw, bytes) else raw
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise bad(f"{what} is not valid UTF-8 text", param=param) from None
+    except _DuplicateKeyError as exc:
+        raise bad(f"{what} names the key {exc.key!r} twice in one object; send each key once", param=param) from None
     except _ConstantError as exc:
         raise bad(
             f"{what} is not valid JSON: {exc.name} is not a finite JSON number", param=param
@@ -91,6 +96,23 @@ class _ConstantError(ValueError):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key if len(key) <= 40 else key[:37] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return doc
 
 
 def _refuse_constant(name: str) -> Any:

@@ -90,6 +90,21 @@ def extension_for_mime(mime: str) -> str:
     return ext
 
 
+# Characters kept in a saved file's name: what a client's file name may hold, less path separators,
+# controls and quotes. The name is for messages only (decoders sniff the bytes), so anything else is "_".
+_UNSAFE_NAME_CHARS = re.compile(r"[^\w .,+()\[\]=@-]")
+_MAX_NAME_BYTES = 120
+
+
+def _file_name(shown: str) -> str:
+    """A file name for a blob the client calls ``shown`` (its base name, made safe): nothing reads
+    the saved file's extension, decoders sniff the bytes."""
+    base = _UNSAFE_NAME_CHARS.sub("_", re.split(r"[/\\]", shown)[-1]).strip(" .") or "upload"
+    while len(base.encode("utf-8")) > _MAX_NAME_BYTES:
+        base = base[: len(base) * 3 // 4]
+    return base
+
+
 def _mib(n: int) -> str:
     return f"{n / (1024 * 1024):.3g} MiB"
 
@@ -118,21 +133,30 @@ class UploadScope:
 
         ``name`` is what the client called it (file name, URL, field), for error messages.
         """
+        shown = name or "the upload"
+        shown = shown if len(shown) <= 160 else shown[:157] + "..."  # a client's name, quoted in short errors
         if len(data) > self.policy.max_bytes:
-            raise PayloadTooLargeError(f"upload of {len(data)} bytes exceeds the {_mib(self.policy.max_bytes)} limit")
+            raise PayloadTooLargeError(f"{shown!r} is {len(data)} bytes, over the {_mib(self.policy.max_bytes)} upload limit "
+                                       "(--max-upload-mb)")
         if not data:
-            raise MediaError("media upload is empty")
+            raise MediaError(f"{shown!r} is empty")
         ext = ext.lower()
         modality = modality_for_filename("x" + ext)
         if modality is None:
             supported = ", ".join(e for exts in EXTENSIONS.values() for e in exts)
-            raise MediaError(f"unsupported file extension {ext or '(none)'!r}; supported: {supported}")
+            raise MediaError(f"{shown!r} has an unsupported file extension {ext or '(none)'!r}; supported: {supported}"[:500])
         if expected is not None and modality != expected:
-            raise MediaError(f"expected {expected} media but got a {modality} file ({ext})", param=expected)
+            article = "an" if modality[0] in "aeiou" else "a"
+            raise MediaError(f"{shown!r}: expected {expected} media but got {article} {modality} file ({ext})"[:300], param=expected)
         # Refuse at the door what the decoders would refuse: bytes that are not an accepted format of
         # this modality (a playlist or text named .mp3, a TIFF named .png) never reach the engine.
-        accepted_format(data, modality, name or f"uploaded {modality}")
-        path = self.upload_dir / f"{uuid.uuid4().hex}{ext}"
+        accepted_format(data, modality, shown)
+        # A directory of its own per blob, the file inside named as the client named it: the Engine
+        # names media by file name in its errors, and a client must read its own name there, never ours.
+        folder = self.upload_dir / uuid.uuid4().hex
+        folder.mkdir(mode=0o700)
+        self.paths.append(folder)
+        path = folder / _file_name(shown)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self.paths.append(path)
         with os.fdopen(fd, "wb") as fh:
@@ -143,10 +167,13 @@ class UploadScope:
         """A multipart file: the modality comes from its extension."""
         return self.save(data, os.path.splitext(filename or "")[1], name=filename)
 
-    def save_base64(self, b64: str, fmt: str | None, expected: str | None = None) -> tuple[str, Path]:
-        """A bare base64 blob; ``fmt`` (e.g. ``"wav"``) names its format, else it is sniffed."""
-        data = _b64decode(b64, f"{expected or 'media'} data", self.policy.max_bytes)
-        name = f"base64 {expected or 'media'} data"
+    def save_base64(self, b64: str, fmt: str | None, expected: str | None = None, name: str | None = None) -> tuple[str, Path]:
+        """A bare base64 blob; ``fmt`` (e.g. ``"wav"``) names its format, else it is sniffed.
+
+        ``name`` is where the client put it (``"messages[0].content[1]"``), for error messages.
+        """
+        name = name or f"base64 {expected or 'media'} data"
+        data = _b64decode(b64, name, self.policy.max_bytes)
         ext = ("." + fmt.lower().lstrip(".")) if fmt else sniff_extension(data, expected)
         if ext is None:
             if expected is not None:
@@ -154,13 +181,14 @@ class UploadScope:
             raise MediaError("cannot tell the format of base64 media; use a data URL with a MIME type")
         return self.save(data, ext, expected, name=name)
 
-    def save_data_url(self, url: str, expected: str | None = None) -> tuple[str, Path]:
+    def save_data_url(self, url: str, expected: str | None = None, name: str | None = None) -> tuple[str, Path]:
+        """A ``data:<mime>;base64,...`` URL; ``name`` as for :meth:`save_base64`."""
         m = _DATA_URL.match(url)
         if m is None or not m.group("b64"):
             raise MediaError("data URLs must look like data:<mime>;base64,<payload>")
-        data = _b64decode(m.group("data"), "data URL payload", self.policy.max_bytes)
+        name = name or f"{expected or 'media'} data URL"
+        data = _b64decode(m.group("data"), f"the payload of {name}", self.policy.max_bytes)
         mime = m.group("mime")
-        name = f"{expected or 'media'} data URL"
         ext = extension_for_mime(mime) if mime else sniff_extension(data, expected)
         if ext is None:
             if expected is not None:
@@ -168,19 +196,20 @@ class UploadScope:
             raise MediaError("data URL has no MIME type and its content is not recognised")
         return self.save(data, ext, expected, name=name)
 
-    def resolve_ref(self, ref: Any, expected: str | None = None) -> tuple[str, Path]:
+    def resolve_ref(self, ref: Any, expected: str | None = None, name: str | None = None) -> tuple[str, Path]:
         """A media reference from a JSON body: data URL, http(s) URL (if allowed) or bare base64.
 
-        Anything else, including strings that look like server paths, is refused.
+        Anything else, including strings that look like server paths, is refused. ``name`` is where
+        the client put it (``"messages[0].content[1]"``), for error messages.
         """
         if not isinstance(ref, str) or not ref:
             raise MediaError("a media reference must be a non-empty string (data URL, http(s) URL or base64)")
         if ref.startswith("data:"):
-            return self.save_data_url(ref, expected)
+            return self.save_data_url(ref, expected, name)
         try:
             scheme = urlsplit(ref).scheme.lower() if "://" in ref[:16] else ""
         except ValueError as exc:  # e.g. an unterminated IPv6 literal
-            raise MediaError(f"the media URL is malformed: {exc}") from None
+            raise MediaError(f"the media URL is malformed: {_url_words(exc)}") from None
         if scheme in ("http", "https"):
             if not self.policy.allow_remote:
                 raise MediaError(
@@ -194,14 +223,14 @@ class UploadScope:
             raise MediaError(f"unsupported media URL scheme {scheme!r}; use a data URL or base64")
         if ref.startswith(("/", "./", "../", "~")) or "\\" in ref[:3]:
             raise MediaError("server-side paths are not accepted; send the media inline as a data URL or base64")
-        return self.save_base64(ref, None, expected)
+        return self.save_base64(ref, None, expected, name)
 
     # ---- cleanup
     def close(self) -> None:
-        """Delete every file this scope saved."""
-        for path in self.paths:
+        """Delete every file this scope saved, and the folders holding them."""
+        for path in reversed(self.paths):  # each file before its folder
             try:
-                path.unlink()
+                path.rmdir() if path.is_dir() else path.unlink()
             except FileNotFoundError:
                 pass
         self.paths.clear()
@@ -243,10 +272,11 @@ def _resolve_public(host: str, port: int) -> list[str]:
     """Resolve ``host`` and check every address; returns them (all public)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise MediaError(f"cannot resolve remote media host {host!r}: {exc}") from None
-    except (UnicodeError, ValueError) as exc:  # not encodable as a host name (IDNA), e.g. a label over 63 characters
-        raise MediaError(f"remote media host {host[:80]!r} is not a valid host name: {exc}") from None
+    except socket.gaierror:
+        raise MediaError(f"cannot resolve remote media host {host[:80]!r}: no address was found for that name") from None
+    except (UnicodeError, ValueError):  # not encodable as a host name (IDNA), e.g. a label over 63 characters
+        raise MediaError(f"remote media host {host[:80]!r} is not a valid host name (each dot-separated label holds "
+                         "1 to 63 characters)") from None
     ips = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not ips:
         raise MediaError(f"remote media host {host!r} has no address")
@@ -331,7 +361,7 @@ def fetch_remote(
             parts = urlsplit(url)
             given_port = parts.port  # raises for a port that is not a number in 0..65535
         except ValueError as exc:
-            raise MediaError(f"remote media URL {_shown_url(url)} is malformed: {exc}") from None
+            raise MediaError(f"remote media URL {_shown_url(url)} is malformed: {_url_words(exc)}") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https") or not parts.hostname:
             raise MediaError(f"remote media URL {_shown_url(url)} must be http(s) with a host")
@@ -399,6 +429,16 @@ def fetch_remote(
             watchdog.__exit__()
             conn.close()
     raise MediaError(f"remote media {_shown_url(url)} redirected more than {max_redirects} times")
+
+
+def _url_words(exc: ValueError) -> str:
+    """Why ``urlsplit`` (or its ``port``) refused a URL, in our words rather than the library's."""
+    text = str(exc)
+    if "IPv6" in text:
+        return "its bracketed IPv6 host is not closed or not valid"
+    if "Port" in text or "port" in text:
+        return "its port is not a number from 0 to 65535"
+    return "it is not a valid URL"
 
 
 def _shown_url(url: str) -> str:

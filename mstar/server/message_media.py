@@ -29,8 +29,8 @@ def place_message_media(args: SubmitArgs, scope: UploadScope, info: ModelInfo) -
     def save(ref: MediaRef) -> Path:
         info.check_inputs([ref.modality])
         if ref.data is not None:
-            return scope.save_base64(ref.data, ref.format, expected=ref.modality)[1]
-        return scope.resolve_ref(ref.url, expected=ref.modality)[1]
+            return scope.save_base64(ref.data, ref.format, expected=ref.modality, name=ref.where)[1]
+        return scope.resolve_ref(ref.url, expected=ref.modality, name=ref.where)[1]
 
     messages, media = place_media(args.messages, {"image": args.images, "audio": args.audio, "video": args.video}, save)
     args.messages = messages

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from litestar import Request
 from litestar.datastructures import UploadFile
@@ -72,6 +73,8 @@ def media_type(request: Request[Any, Any, Any]) -> str:
 
 async def read_form(request: Request[Any, Any, Any]) -> Form:
     """Parse the request body as a form (the caller checks the content type first)."""
+    if media_type(request) == "application/x-www-form-urlencoded":
+        return _urlencoded(await request.body())
     try:
         raw = await request.form()
     except MStarError:
@@ -101,6 +104,26 @@ async def read_form(request: Request[Any, Any, Any]) -> Form:
         for _, value in raw.multi_items():
             if isinstance(value, UploadFile):
                 await value.close()
+    return form
+
+
+def _urlencoded(body: bytes) -> Form:
+    """A urlencoded body, read strictly: the framework's parser replaces bad UTF-8 with U+FFFD unseen."""
+    try:
+        text = body.decode("ascii")  # percent-escapes carry every non-ASCII byte
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict", max_num_fields=MAX_FORM_PARTS)
+    except UnicodeDecodeError:
+        raise InvalidRequestError("a field of the urlencoded form is not valid UTF-8 once percent-decoded (or the body holds "
+                                  "raw non-ASCII bytes); percent-encode UTF-8 text") from None
+    except ValueError as exc:
+        if "Max number of fields" in str(exc):
+            raise PayloadTooLargeError(f"the form has more than {MAX_FORM_PARTS} fields; at most {MAX_FORM_PARTS} are accepted") from None
+        raise InvalidRequestError("the urlencoded form could not be parsed") from None
+    form = Form()
+    for key, value in pairs:
+        if key in form.fields:
+            raise InvalidRequestError(f"form field {key!r} was given more than once", param=key)
+        form.fields[key] = value
     return form
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mstar.errors import InvalidParameterError, InvalidRequestError
+from mstar.protocol import SEED_MAX
 from mstar.server import fields
 from mstar.server.jsonio import loads_strict
 
@@ -91,8 +92,8 @@ _bool = fields.boolean
 _number = fields.number
 _int = fields.integer
 
-#: The largest seed accepted (the Engine's range is 0 .. 2**63-1).
-SEED_MAX = 2**63 - 1
+#: The longest ``user`` tag accepted: an end-user id or its hash, never a payload.
+USER_MAX_CHARS = 256
 
 
 def _extra(body: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -100,6 +101,8 @@ def _extra(body: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """The standard sampling fields that were given; checks ``user`` too, which every route accepts and ignores."""
+    _str(body, "user", max_chars=USER_MAX_CHARS)
     out: dict[str, Any] = {}
     for key, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         v = _number(body, key, lo, hi)
@@ -233,11 +236,12 @@ _FORM_FLOAT = re.compile(r"-?[0-9]+\.[0-9]+(?:[eE][-+]?[0-9]+)?|-?[0-9]+[eE][-+]
 def _form_value(key: str, value: str) -> Any:
     """A form field is text: arrays, objects, numbers and booleans written as (strict) JSON are read as such.
 
-    Numbers must be ASCII (``"²"`` stays text, and is then refused where a number is needed), so
-    what a JSON body would refuse is refused from a form too.
+    Numbers must be ASCII (``"²"`` stays text, and is then refused where a number is needed), and
+    are not trimmed (``" 5"`` stays text too), so what a JSON body would refuse is refused from a
+    form too.
     """
-    text = value.strip()
-    if text[:1] in "[{" or text in ("true", "false", "null"):
+    text = value
+    if text[:1] in ("[", "{") or text in ("true", "false", "null"):
         return loads_strict(text, f"form field {key!r}", param=key)
     if _FORM_INT.fullmatch(text):
         return fields.parse_int_text(text, key)

@@ -3,8 +3,9 @@
 ``app.state["mstar"]`` holds a :class:`ServerState`: the settings
 (:class:`ServerConfig`, the CLI flags), the engine (:class:`EngineHolder`,
 possibly still loading), admission control (:class:`Admission`), the media
-policy, and the served model's OpenAI adapter lookup. Routes reach it with
-:func:`server_state`.
+policy, the metrics (:mod:`mstar.server.metrics`), the requests in flight and
+whether the server drains for shutdown (:mod:`mstar.server.drain`), and the
+served model's OpenAI adapter lookup. Routes reach it with :func:`server_state`.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mstar.errors import NotFoundError, NotReadyError, RateLimitError, UnknownModelError
+from mstar.errors import DrainingError, NotFoundError, NotReadyError, RateLimitError, UnknownModelError
 from mstar.registry import ModelInfo, get_model_info
 from mstar.server.adapters import OpenAIAdapter, get_adapter_class
 from mstar.server.media_io import MediaPolicy, UploadScope
+from mstar.server.metrics import ServerMetrics, build_metrics
 
 if TYPE_CHECKING:
     from litestar.connection import ASGIConnection
 
     from mstar.engine import Engine
+    from mstar.server.streaming import AsyncEvents
 
 __all__ = ["Admission", "EngineHolder", "ServerConfig", "ServerState", "server_state"]
 
@@ -48,6 +51,8 @@ class ServerConfig:
     api_key: str | None = None
     retry_after_s: float = 1.0
     body_timeout: float | None = 30.0  # seconds to receive a whole request body; slower clients get 408
+    shutdown_grace_s: float = 30.0  # on SIGTERM, seconds running requests get to finish (mstar-server)
+    public_metrics: bool = False  # /metrics without the API key (for a scraper that cannot send one)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -132,6 +137,7 @@ class Admission:
         self.retry_after = retry_after
         self.running = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed: Callable[[], BaseException] | None = None
 
     @property
     def waiting(self) -> int:
@@ -143,6 +149,8 @@ class Admission:
         return self.running < self.max_concurrent and not self._waiters
 
     async def acquire(self) -> None:
+        if self._closed is not None:
+            raise self._closed()
         if self.free:
             self.running += 1
             return
@@ -156,7 +164,7 @@ class Admission:
         try:
             await fut  # resolved by release(): the slot is handed over, ``running`` unchanged
         except BaseException:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release()  # we were handed a slot we will not use: pass it on
             else:
                 try:
@@ -164,6 +172,15 @@ class Admission:
                 except ValueError:
                     pass
             raise
+
+    def close(self, refusal: Callable[[], BaseException]) -> None:
+        """Admit nothing more: every waiting request and every later :meth:`acquire` raises
+        ``refusal()``; running requests keep their slots until they :meth:`release` them."""
+        self._closed = refusal
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(refusal())
 
     def release(self) -> None:
         while self._waiters:
@@ -186,10 +203,14 @@ class ServerState:
     admission: Admission
     media_policy: MediaPolicy
     created: int = field(default_factory=lambda: int(time.time()))
+    metrics: ServerMetrics | None = None  # None without prometheus-client
+    inflight: set[AsyncEvents] = field(default_factory=set)  # the HTTP model requests the engine runs
+    draining: bool = False
+    aborting: Callable[[], BaseException] | None = None  # set once the drain's grace is over
 
     @classmethod
     def build(cls, holder: EngineHolder, config: ServerConfig) -> ServerState:
-        return cls(
+        state = cls(
             holder=holder,
             config=config,
             admission=Admission(config.max_concurrent, config.max_queue, config.retry_after_s),
@@ -199,10 +220,31 @@ class ServerState:
                 remote_timeout=config.remote_timeout,
             ),
         )
+        state.metrics = build_metrics(state)
+        return state
 
     @property
     def model(self) -> str:
         return self.holder.info.name
+
+    # ---- shutdown (see mstar.server.drain)
+    def draining_error(self) -> DrainingError:
+        """What a request that arrives while the server drains is told (503 with Retry-After)."""
+        return DrainingError("the server is shutting down and takes no new requests; retry on another instance",
+                             retry_after=self.config.retry_after_s)
+
+    def begin_drain(self) -> None:
+        """Stop admitting: ``/ready`` answers 503 ``draining``, new and queued requests get 503."""
+        self.draining = True
+        self.admission.close(self.draining_error)
+
+    def abort_inflight(self, exc: Callable[[], BaseException]) -> int:
+        """End every model request still running with ``exc()`` (an error line or response); how many."""
+        self.aborting = exc  # a request still on its way into the engine is ended as it arrives
+        running = list(self.inflight)
+        for events in running:
+            events.abort(exc())
+        return len(running)
 
     def uploads(self) -> UploadScope:
         """A fresh scope for one request's media (deleted when it closes)."""

@@ -7,7 +7,9 @@ callback on the request's queue (:meth:`mstar.engine.EventStream.listen`);
 the scheduler thread, after queueing an event, schedules the wake-up with
 ``loop.call_soon_threadsafe`` (only when the reader waits), and the loop then
 drains the queue without blocking. Closing :class:`AsyncEvents` cancels the
-request in the engine, which ends it within one model step.
+request in the engine, which ends it within one model step; :meth:`AsyncEvents.abort`
+does the same and makes the reader raise an error (a server shutting down ends its
+requests that way). An ``observer`` (the metrics' call record) sees every event read.
 
 :func:`unless_disconnected` awaits something (an admission slot, every event
 of a request) while watching for the client going away; :func:`stream_response`
@@ -21,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 from litestar.response import Stream
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncEvents",
     "ClientDisconnected",
+    "EventObserver",
     "StreamResponse",
     "collect",
     "stream_response",
@@ -63,12 +66,25 @@ async def submit(engine: Engine, **kwargs: Any) -> EventStream:
     return await anyio.to_thread.run_sync(run)
 
 
+class EventObserver(Protocol):
+    """Sees what a route reads from :class:`AsyncEvents` (see :class:`mstar.server.metrics.CallRecord`)."""
+
+    def event(self, ev: Event) -> None: ...
+
+    def failed(self, exc: BaseException) -> None: ...
+
+    def cut_short(self, exc: BaseException) -> None: ...
+
+
 class AsyncEvents:
     """Async iterator over an :class:`EventStream`; :meth:`close` cancels the request."""
 
-    def __init__(self, stream: EventStream, on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, stream: EventStream, on_close: Callable[[], None] | None = None,
+                 observer: EventObserver | None = None) -> None:
         self._stream = stream
         self._on_close = on_close
+        self._observer = observer
+        self._aborted: BaseException | None = None
         self.request_id = stream.request_id
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -93,12 +109,34 @@ class AsyncEvents:
             self._wakeup.clear()
             self._armed = True  # before polling: an event queued after the poll wakes us
             try:
+                if self._aborted is not None:
+                    raise self._aborted
                 ev = self._stream.next_event(0)  # never blocks; a failed request raises its typed error
             except StopIteration:
                 raise StopAsyncIteration from None
+            except BaseException as exc:
+                if self._observer is not None:
+                    self._observer.failed(exc)
+                raise
             if ev is not None:
+                if self._observer is not None:
+                    self._observer.event(ev)
                 return ev
             await self._wakeup.wait()
+
+    def cut_short(self, exc: BaseException) -> None:
+        """The route's response was cut off by ``exc`` after it began (tells the observer)."""
+        if self._observer is not None:
+            self._observer.cut_short(exc)
+
+    def abort(self, exc: BaseException) -> None:
+        """Cancel the request in the engine and make the reader raise ``exc`` instead of reading on
+        (call on the event loop). The route's own error handling then answers: an error response, or
+        an in-band error event once streaming began."""
+        if self._aborted is None:
+            self._aborted = exc
+            self._stream.close()
+            self._wakeup.set()
 
     def close(self) -> None:
         """Stop listening, cancel the request if it still runs, run ``on_close`` once (synchronous)."""
@@ -172,12 +210,16 @@ async def stream_response(
     """
 
     async def guarded() -> AsyncGenerator[bytes, None]:
+        begun = False  # a chunk went to the response: its status line is out
         try:
             async for chunk in body:
                 yield chunk
+                begun = True
         except Exception as exc:
             log.warning("%srequest %s failed mid-stream: %s", f"{what} " if what else "", events.request_id, exc)
             if on_error is None:
+                if begun:
+                    events.cut_short(exc)
                 raise
             yield on_error(exc)
         finally:

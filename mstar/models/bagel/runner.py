@@ -40,6 +40,7 @@ import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -64,9 +65,10 @@ from mstar.models.bagel.prepare import (
     with_marker_ids,
 )
 from mstar.models.bagel.tokenizer import ByteTokenizer, TextTokenizer, load_tokenizer
-from mstar.models.bagel.weights import CHECKPOINT_FILES, build_models, load_checkpoint, load_tiny
+from mstar.models.bagel.weights import CHECKPOINT_FILES, backbone_spec, build_models, load_checkpoint, load_tiny
 from mstar.models.base import ModelRunner
 from mstar.models.params import Param, validate_params
+from mstar.parallel import deferred, start_tensor_parallel
 from mstar.registry import get_model_info
 from mstar.request import Request, RequestInputs
 from mstar.settings import RunnerSettings, Sizing
@@ -121,6 +123,7 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
     """ByteDance BAGEL-7B-MoT: understanding and generation experts over one Qwen2 backbone."""
 
     name = "bagel"
+    supports_tensor_parallel = True
     params: ClassVar[Mapping[str, Param]] = {
         "cfg_text_scale": Param(float, 4.0, min=0.0, max=50.0, doc="text guidance scale"),
         "cfg_img_scale": Param(float, None, min=0.0, max=50.0, doc="image guidance scale (1.0; 2.0 for edits)"),
@@ -147,20 +150,24 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
         super().__init__(weights=weights, settings=settings)
         device, dtype = self.device, self.dtype
+        root: Path | None = None
+        tp = settings.tensor_parallel_size  # > 1: the decoder stays on meta until attach reads rank 0's slices
         if weights == TINY:
             self.cfg = BagelConfig.tiny()
-            model, vae = build_models(self.cfg)
-            load_tiny(self.cfg, model, vae)
+            defer = deferred(tp, lambda: [backbone_spec(self.cfg, None)])
+            model, vae = build_models(self.cfg, defer=defer)
+            load_tiny(self.cfg, model, vae, defer)
             self.tokenizer: TextTokenizer = ByteTokenizer()
         else:
             source = weights or get_model_info(self.name).hub_id
             root = resolve_checkpoint_dir(source, allow_patterns=CHECKPOINT_FILES)
             self.cfg = BagelConfig.from_checkpoint_dir(root)
+            defer = deferred(tp, lambda: [backbone_spec(self.cfg, root)])
             model, vae = build_models(self.cfg, device="meta")
-            load_checkpoint(root, model, vae, device, dtype)
+            load_checkpoint(root, model, vae, device, dtype, defer)
             self.tokenizer = load_tokenizer(root)
             self.cfg = with_marker_ids(self.cfg, self.tokenizer)
-        self.model: Bagel = model.to(device=device, dtype=dtype).eval()
+        self.model: Bagel = defer.to(model, device=device, dtype=dtype).eval()
         self.vae: AutoEncoder = vae.to(device=device, dtype=torch.float32).eval()
         # RoPE frequencies are not in the checkpoint: rebuild them in float32 on the target device
         # (a meta-built model has none, and a bfloat16 cast would blur them).
@@ -168,7 +175,12 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
             device
         )
         llm, size = self.cfg.llm, self.sizing
-        self.cache = KVCache(
+        # Tensor parallelism (mstar/parallel): the MoT decoder's forward runs sharded on every rank;
+        # embeddings, heads, the ViT and the VAE stay here.
+        self.parallel = start_tensor_parallel(settings, size, lambda: [backbone_spec(self.cfg, root)])
+        if self.parallel is not None:
+            self.parallel.attach(self.model.language_model, 0)
+        self.cache = (KVCache if self.parallel is None else self.parallel.new_cache)(
             num_layers=llm.num_hidden_layers,
             num_slots=size.max_batch_size,  # one slot per context: a request holds one to three
             max_len=size.max_seq_len,
@@ -257,6 +269,13 @@ class BagelRunner(ModelRunner[BagelPrepared, BagelState]):
             st.ctx.clear()
             self.reserved_blocks -= st.kv_blocks
             st.kv_blocks = 0
+
+    def health(self) -> str | None:
+        return None if self.parallel is None else self.parallel.health()
+
+    def close(self) -> None:
+        if self.parallel is not None:
+            self.parallel.close()
 
     def stats(self) -> RunnerStats:
         """KV slots (contexts) and blocks in use, and per component ("prefill", "decode", "denoise", "vae")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -33,6 +34,7 @@ import torch
 from mstar.errors import EmptyInputError, InvalidParameterError, InvalidRequestError, UnsupportedModalityError
 from mstar.layers.attention import AttnBatch
 from mstar.layers.graphed_decode import BucketedDecoder
+from mstar.layers.kv_cache import KVCache
 from mstar.layers.sampling import SamplingParams, sample_tokens
 from mstar.models.base import ModelRunner
 from mstar.models.orpheus.codes import WINDOW_TOKENS, CodeStream, split_window
@@ -47,8 +49,9 @@ from mstar.models.orpheus.config import (
 )
 from mstar.models.orpheus.prompt import build_prompt, check_voice
 from mstar.models.orpheus.tokenizer import ByteTokenizer, CheckpointTokenizer, TextTokenizer
-from mstar.models.orpheus.weights import build_tiny, load_full
+from mstar.models.orpheus.weights import backbone_spec, build_tiny, load_full
 from mstar.models.params import Param
+from mstar.parallel import start_tensor_parallel
 from mstar.request import Request, RequestInputs
 from mstar.settings import RunnerSettings, Sizing
 from mstar.stats import RunnerStats
@@ -105,6 +108,7 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
 
     name = "orpheus"
     speaks_text = True
+    supports_tensor_parallel = True
     params: ClassVar[Mapping[str, Param]] = {
         "voice": Param(str, DEFAULT_VOICE, doc=f"speaker: {', '.join(VOICES)}"),
         "temperature": Param(float, TEMPERATURE, min=0.0, max=10.0, doc="sampling temperature; 0 = greedy"),
@@ -135,20 +139,29 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
         super().__init__(weights=weights, settings=settings)
         device, dtype = self.device, self.dtype
         self.tokenizer: TextTokenizer
+        ckpt: Path | None = None
+        tp = settings.tensor_parallel_size  # > 1: the LM stays on meta until attach reads rank 0's slices
         if weights == TINY:
             self.config = OrpheusConfig.tiny()
-            self.model, self.snac = build_tiny(self.config.llama, self.config.snac, device=device, dtype=dtype)
+            self.model, self.snac = build_tiny(
+                self.config.llama, self.config.snac, device=device, dtype=dtype, tensor_parallel_size=tp
+            )
             self.tokenizer = ByteTokenizer()
         else:
             if not weights:
                 raise InvalidRequestError(
                     "orpheus needs weights: a checkpoint directory, a hub id, or 'tiny'", param="weights"
                 )
-            model, snac, ckpt = load_full(weights, device=device, dtype=dtype)
+            model, snac, ckpt = load_full(weights, device=device, dtype=dtype, tensor_parallel_size=tp)
             self.model, self.snac = model, snac
             self.config = OrpheusConfig.full(model.config, snac.config)
             self.tokenizer = CheckpointTokenizer(ckpt)
         cfg, size = self.config, self.sizing
+        # Tensor parallelism (mstar/parallel): the LM's forward runs sharded on every rank; the codec,
+        # sampling and the cache's block management stay here.
+        self.parallel = start_tensor_parallel(settings, size, lambda: [backbone_spec(ckpt, cfg.llama)])
+        if self.parallel is not None:
+            self.parallel.attach(self.model, 0)
         # Opt-in static-shape decode (CUDA graphs on CUDA, see layers/graphed_decode.py): one extra
         # cache slot (and one block) takes the padding rows. Off by default; on CPU it only pads.
         graphs = size.cuda_graphs
@@ -159,6 +172,7 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
             dtype=dtype,
             block_size=size.kv_block_size,
             num_blocks=-(-size.kv_pool_tokens // size.kv_block_size) + 1 + int(graphs),
+            factory=KVCache if self.parallel is None else self.parallel.new_cache,
         )
         self._admitted = 0
         self.preemptions = 0
@@ -245,7 +259,12 @@ class OrpheusRunner(ModelRunner[Prepared, State]):
             self.cache, activity=self.activity, reserved_slots=int(self.graphed is not None), preemptions=self.preemptions
         )
 
+    def health(self) -> str | None:
+        return None if self.parallel is None else self.parallel.health()
+
     def close(self) -> None:
+        if self.parallel is not None:
+            self.parallel.close()
         self.cache.k = self.cache.v = torch.empty(0)
 
     # ------------------------------------------------------------------ one step

@@ -33,10 +33,13 @@ from mstar.codecs.snac import SNACConfig, SNACDecoder
 from mstar.errors import WeightsError
 from mstar.layers.llama import LlamaConfig, LlamaForCausalLM
 from mstar.models.orpheus.config import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, CODES_PER_FRAME
+from mstar.parallel.rank0 import deferred
+from mstar.parallel.shard import params_on_meta
+from mstar.parallel.spec import BackboneSpec
 from mstar.progress import progress
-from mstar.weights import component_override, resolve_checkpoint_dir, tiny_state_dict
+from mstar.weights import component_override, resolve_checkpoint_dir, tiny_checkpoint_path, tiny_state_dict
 
-__all__ = ["SNAC_HUB_ID", "build_tiny", "load_llama", "load_snac", "snac_location"]
+__all__ = ["SNAC_HUB_ID", "backbone_spec", "build_tiny", "llama_files", "load_llama", "load_snac", "snac_location"]
 
 log = logging.getLogger("mstar.orpheus")
 
@@ -72,23 +75,52 @@ def _tiny_llama_state(cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     return dict(model.state_dict())
 
 
+def _tiny_llama_key(cfg: LlamaConfig) -> dict[str, object]:
+    return {"llama": cfg.to_dict(), "recipe": _TINY_RECIPE}
+
+
+def llama_files(ckpt: Path | None, cfg: LlamaConfig) -> tuple[str, ...]:
+    """The safetensors files holding the LM: the tiny cache file (after :func:`build_tiny`), or the checkpoint's."""
+    if ckpt is None:
+        return (str(tiny_checkpoint_path("orpheus-llama", _tiny_llama_key(cfg))),)
+    return tuple(str(f) for f in sorted(ckpt.glob("*.safetensors")))
+
+
+def backbone_spec(ckpt: Path | None, cfg: LlamaConfig) -> BackboneSpec:
+    """The tensor-parallel backbone: the whole Llama LM (its embedding and head vocabulary-parallel)."""
+    return BackboneSpec("mstar.layers.llama:LlamaForCausalLM", cfg, "forward", llama_files(ckpt, cfg))
+
+
 def build_tiny(
-    llama_cfg: LlamaConfig, snac_cfg: SNACConfig, *, device: torch.device, dtype: torch.dtype
+    llama_cfg: LlamaConfig,
+    snac_cfg: SNACConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    tensor_parallel_size: int = 1,
 ) -> tuple[LlamaForCausalLM, SNACDecoder]:
-    """The tiny Orpheus LM and codec, from cached deterministic weights."""
+    """The tiny Orpheus LM and codec, from cached deterministic weights. With
+    ``tensor_parallel_size > 1`` the LM's parameters stay on the meta device (see
+    :mod:`mstar.parallel.rank0`)."""
+    defer = deferred(tensor_parallel_size, lambda: [backbone_spec(None, llama_cfg)])
     lm_state = tiny_state_dict(
-        "orpheus-llama", {"llama": llama_cfg.to_dict(), "recipe": _TINY_RECIPE}, lambda: _tiny_llama_state(llama_cfg)
+        "orpheus-llama", _tiny_llama_key(llama_cfg), lambda: _tiny_llama_state(llama_cfg), exclude=defer
     )
     snac_state = tiny_state_dict(
         "orpheus-snac",
         {"snac": snac_cfg.to_dict(), "recipe": _TINY_RECIPE},
         lambda: dict(SNACDecoder(snac_cfg).state_dict()),
     )
-    model = LlamaForCausalLM(llama_cfg)
-    model.load_state_dict(lm_state, strict=True)
+    if defer:
+        with params_on_meta():
+            model = LlamaForCausalLM(llama_cfg)
+        defer.assign(model, lm_state, what="the tiny Orpheus LM")
+    else:
+        model = LlamaForCausalLM(llama_cfg)
+        model.load_state_dict(lm_state, strict=True)
     snac = SNACDecoder(snac_cfg)
     snac.load_state_dict(snac_state, strict=True)
-    return model.to(device=device, dtype=dtype).eval(), snac.to(device).eval()
+    return defer.to(model, device=device, dtype=dtype).eval(), snac.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- full
@@ -127,8 +159,12 @@ def _read_json(path: Path) -> dict:
         raise WeightsError(f"could not read {str(path)!r}: {exc}") from exc
 
 
-def load_llama(ckpt: Path, *, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Build the LM from ``ckpt/config.json`` and load its safetensors, checking every name and shape."""
+def load_llama(
+    ckpt: Path, *, device: torch.device, dtype: torch.dtype, tensor_parallel_size: int = 1
+) -> LlamaForCausalLM:
+    """Build the LM from ``ckpt/config.json`` and load its safetensors, checking every name and shape.
+    With ``tensor_parallel_size > 1`` the sharded names are checked but not read: they stay on the
+    meta device (see :mod:`mstar.parallel.rank0`)."""
     from safetensors import safe_open
 
     cfg = LlamaConfig.from_hf_dict(_read_json(ckpt / "config.json"))
@@ -138,6 +174,7 @@ def load_llama(ckpt: Path, *, device: torch.device, dtype: torch.dtype) -> Llama
     files = sorted(ckpt.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"no *.safetensors files in {str(ckpt)!r}")
+    defer = deferred(tensor_parallel_size, lambda: [backbone_spec(ckpt, cfg)])
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     expected = {n: p.shape for n, p in model.named_parameters()}
@@ -149,6 +186,7 @@ def load_llama(ckpt: Path, *, device: torch.device, dtype: torch.dtype) -> Llama
     state = {
         k: where[k].get_tensor(k).to(device=device, dtype=dtype)
         for k in progress(expected, desc="loading Orpheus", unit="tensor")
+        if k not in defer
     }
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
@@ -211,10 +249,14 @@ def load_snac(source: str, *, device: torch.device) -> SNACDecoder:
     return snac.to(device).eval()
 
 
-def load_full(weights: str, *, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, SNACDecoder, Path]:
-    """LM and codec for a checkpoint directory or hub id; returns the resolved directory too."""
+def load_full(
+    weights: str, *, device: torch.device, dtype: torch.dtype, tensor_parallel_size: int = 1
+) -> tuple[LlamaForCausalLM, SNACDecoder, Path]:
+    """LM and codec for a checkpoint directory or hub id; returns the resolved directory too. With
+    ``tensor_parallel_size > 1`` the LM's parameters stay on the meta device (see
+    :mod:`mstar.parallel.rank0`)."""
     ckpt = resolve_checkpoint_dir(weights)
-    model = load_llama(ckpt, device=device, dtype=dtype)
+    model = load_llama(ckpt, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
     snac = load_snac(snac_location(ckpt), device=device)
     log.info("loaded Orpheus from %s", ckpt)
     return model, snac, ckpt

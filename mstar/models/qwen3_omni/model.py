@@ -49,6 +49,25 @@ class ThinkerTextModel(_MRopeStack):
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self._init_rope(cfg)
 
+    def forward_embeds(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        batch: AttnBatch,
+        *,
+        capture: int | None = None,
+        deepstack: list[torch.Tensor] | None = None,
+        deepstack_mask: torch.Tensor | None = None,
+    ) -> StackOutput:
+        """The decoder stack over input embeddings ``x`` (the tensor-parallel seam: it uses only
+        the layers, the norm and the rotary table, never the token embedding)."""
+        cos, sin = self.rope(positions)
+        return run_layers(
+            self.layers, self.norm, x, cos, sin, cache, batch,
+            capture=capture, deepstack=deepstack, deepstack_mask=deepstack_mask,
+        )
+
 
 class ThinkerModel(nn.Module):
     """Audio tower, vision tower and the MoE language model."""
@@ -83,19 +102,8 @@ class Thinker(nn.Module):
         deepstack: list[torch.Tensor] | None = None,
         deepstack_mask: torch.Tensor | None = None,
     ) -> StackOutput:
-        lm = self.model.language_model
-        cos, sin = lm.rope(positions)
-        return run_layers(
-            lm.layers,
-            lm.norm,
-            x,
-            cos,
-            sin,
-            cache,
-            batch,
-            capture=capture,
-            deepstack=deepstack,
-            deepstack_mask=deepstack_mask,
+        return self.model.language_model.forward_embeds(
+            x, positions, cache, batch, capture=capture, deepstack=deepstack, deepstack_mask=deepstack_mask
         )
 
 
@@ -118,6 +126,12 @@ class TalkerModel(_MRopeStack):
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
         self.codec_embedding = nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
         self._init_rope(cfg)
+
+    def forward_embeds(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: AttnBatch) -> torch.Tensor:
+        """The decoder stack over input embeddings ``x`` (the tensor-parallel seam; the codec
+        embedding is applied by the caller)."""
+        cos, sin = self.rope(positions)
+        return run_layers(self.layers, self.norm, x, cos, sin, cache, batch).hidden
 
 
 class CodePredictorModel(nn.Module):
@@ -160,8 +174,7 @@ class Talker(nn.Module):
     def forward_embeds(
         self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: AttnBatch
     ) -> torch.Tensor:
-        cos, sin = self.model.rope(positions)
-        return run_layers(self.model.layers, self.model.norm, x, cos, sin, cache, batch).hidden
+        return self.model.forward_embeds(x, positions, cache, batch)
 
 
 class Qwen3Omni(nn.Module):

@@ -26,13 +26,14 @@ chat history skip their prefill.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
 
 from mstar.errors import InvalidParameterError, InvalidRequestError, UnknownVoiceError, WeightsError
+from mstar.layers.kv_cache import KVCache
 from mstar.layers.sampling import SamplingParams
 from mstar.media import decode_audio, decode_audio_track, decode_image, decode_video
 from mstar.models.base import ModelRunner
@@ -43,7 +44,8 @@ from mstar.models.qwen3_omni.state import Encoded, OmniState, Pair, TalkerState
 from mstar.models.qwen3_omni.talker import TalkerStage
 from mstar.models.qwen3_omni.thinker import PrefillResult, ThinkerStage
 from mstar.models.qwen3_omni.tokenizer import load_tokenizer
-from mstar.models.qwen3_omni.weights import load_model
+from mstar.models.qwen3_omni.weights import backbone_specs, load_model
+from mstar.parallel import start_tensor_parallel
 from mstar.registry import get_model_info
 from mstar.request import Request, RequestInputs
 from mstar.settings import RunnerSettings, Sizing
@@ -84,6 +86,7 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
     """Serves ``Qwen/Qwen3-Omni-30B-A3B-Instruct`` (or its tiny random variant)."""
 
     name = "qwen3_omni"
+    supports_tensor_parallel = True
     params: ClassVar[Mapping[str, Param]] = {
         "thinker_temperature": Param(float, 0.7, min=0.0, max=10.0, doc="Thinker (text) sampling temperature; 0 = greedy"),
         "thinker_top_p": Param(float, 0.9, min=0.0, max=1.0, doc="Thinker nucleus sampling; 1 = off"),
@@ -133,7 +136,9 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
 
     def __init__(self, *, weights: str | None, settings: RunnerSettings) -> None:
         super().__init__(weights=weights, settings=settings)
-        self.cfg, self.model, ckpt = load_model(weights or TINY, self.device, self.dtype)
+        self.cfg, self.model, ckpt = load_model(
+            weights or TINY, self.device, self.dtype, tensor_parallel_size=settings.tensor_parallel_size
+        )
         #: Defaults of the per-stage caps for this variant (see ``FULL_CAPS``, ``TINY_CAPS``).
         self.caps: Mapping[str, int | None] = self.TINY_CAPS if (weights or TINY) == TINY else self.FULL_CAPS
         th = self.cfg["thinker_config"]
@@ -149,6 +154,15 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
         self.image_prep = ImagePrep.from_checkpoint(ckpt)
         slots, length = self.sizing.max_batch_size, self.sizing.max_seq_len
         block, pool = self.sizing.kv_block_size, _pool_blocks(self.sizing)
+        # Tensor parallelism (mstar/parallel): the Thinker's and the Talker's decoder stacks run
+        # sharded on every rank; everything around them stays here.
+        self.parallel = start_tensor_parallel(settings, self.sizing, lambda: backbone_specs(self.cfg, ckpt))
+        new_cache: Callable[..., KVCache] = KVCache
+        if self.parallel is not None:
+            self.parallel.attach(self.model.thinker.model.language_model, 0)
+            if self.model.talker is not None:
+                self.parallel.attach(self.model.talker.model, 1)
+            new_cache = self.parallel.new_cache
         self.thinker = ThinkerStage(
             self.model.thinker,
             th,
@@ -159,6 +173,7 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
             activity=self.activity,
             block_size=block,
             num_blocks=pool,
+            new_cache=new_cache,
         )
         #: KV blocks the admitted requests may take at worst, per stage (reserved at admit, given back at release).
         self.reserved = {"thinker": 0, "talker": 0}
@@ -177,6 +192,7 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
                 activity=self.activity,
                 block_size=block,
                 num_blocks=pool,
+                new_cache=new_cache,
             )
             self._check_speakers(self.talker.speakers)
         self.stop_ids = {self.tokenizer.token_id("<|im_end|>"), self.tokenizer.token_id("<|endoftext|>")}
@@ -369,6 +385,13 @@ class Qwen3OmniRunner(ModelRunner[Encoded, OmniState]):
             self.reserved["talker"] -= st.talker.kv_blocks
             st.talker.kv_blocks = 0
         req.state = None
+
+    def health(self) -> str | None:
+        return None if self.parallel is None else self.parallel.health()
+
+    def close(self) -> None:
+        if self.parallel is not None:
+            self.parallel.close()
 
     def stats(self) -> RunnerStats:
         """KV slots, blocks and prefix hits of the Thinker's and the Talker's caches together; bytes

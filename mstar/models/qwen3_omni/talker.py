@@ -17,6 +17,7 @@ ones, and one Code2Wav call per window length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,6 +101,7 @@ class TalkerStage:
         activity: Activity,
         block_size: int = 16,
         num_blocks: int | None = None,
+        new_cache: Callable[..., KVCache] = KVCache,
     ) -> None:
         self.net = net
         self.code2wav = code2wav
@@ -116,7 +118,7 @@ class TalkerStage:
         self.accept_layer: int = self.tk_cfg["accept_hidden_layer"]
         self.mm_ids = {self.th_cfg["audio_token_id"], self.th_cfg["image_token_id"], self.th_cfg["video_token_id"]}
         tt, cp = self.tk_cfg["text_config"], self.tk_cfg["code_predictor_config"]
-        self.cache = KVCache(
+        self.cache = new_cache(
             num_layers=tt["num_hidden_layers"],
             num_slots=num_slots,
             max_len=max_len,

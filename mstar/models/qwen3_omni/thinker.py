@@ -18,6 +18,7 @@ so requests with speech output use the prefix cache too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,14 @@ class ThinkerStage:
         activity: Activity,
         block_size: int = 16,
         num_blocks: int | None = None,
+        new_cache: Callable[..., KVCache] = KVCache,
     ) -> None:
         self.net = net
         self.cfg = cfg  # thinker_config
         self.device, self.dtype = device, dtype
         self.activity = activity
         text = cfg["text_config"]
-        self.cache = KVCache(
+        self.cache = new_cache(
             num_layers=text["num_hidden_layers"],
             num_slots=num_slots,
             max_len=max_len,

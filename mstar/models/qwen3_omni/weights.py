@@ -13,10 +13,12 @@ import torch
 from mstar.errors import WeightsError
 from mstar.models.qwen3_omni.config import FULL_CONFIG, TINY_CONFIG, build_hf_config
 from mstar.models.qwen3_omni.model import Qwen3Omni
+from mstar.parallel.rank0 import Deferred, deferred
+from mstar.parallel.spec import BackboneSpec
 from mstar.progress import progress
-from mstar.weights import TINY, resolve_checkpoint_dir, tiny_state_dict
+from mstar.weights import TINY, resolve_checkpoint_dir, tiny_checkpoint_path, tiny_state_dict
 
-__all__ = ["build_model", "load_model", "random_state_dict"]
+__all__ = ["backbone_specs", "build_model", "load_model", "random_state_dict"]
 
 
 def build_model(cfg: dict[str, Any], device: torch.device | str = "cpu") -> Qwen3Omni:
@@ -44,22 +46,30 @@ def random_state_dict(cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_checkpoint(
-    path: Path, device: torch.device, dtype: torch.dtype
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Config and tensors of a checkpoint directory; tensors go straight to ``device``/``dtype`` file by file."""
+def _read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    return _normalise_config(json.loads(cfg_file.read_text()) if cfg_file.is_file() else FULL_CONFIG)
+
+
+def _read_tensors(path: Path, device: torch.device, dtype: torch.dtype, defer: Deferred) -> dict[str, torch.Tensor]:
+    """A checkpoint directory's tensors, straight to ``device``/``dtype`` file by file (the deferred
+    ones are not read)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    cfg_file = path / "config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else FULL_CONFIG
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"no *.safetensors files in {str(path)!r}")
     state: dict[str, torch.Tensor] = {}
     for f in progress(files, desc="loading Qwen3-Omni", unit="file"):
-        for name, tensor in load_file(str(f), device=str(device)).items():
+        if defer:
+            with safe_open(str(f), framework="pt", device=str(device)) as handle:
+                tensors = {k: handle.get_tensor(k) for k in handle.keys() if k not in defer}  # noqa: SIM118
+        else:
+            tensors = load_file(str(f), device=str(device))
+        for name, tensor in tensors.items():
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return _normalise_config(cfg), state
+    return state
 
 
 def _normalise_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -80,18 +90,27 @@ def _normalise_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def load_model(weights: str, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], Qwen3Omni, Path | None]:
-    """(config, model in eval mode on ``device``/``dtype``, checkpoint dir or None for tiny)."""
+def load_model(
+    weights: str, device: torch.device, dtype: torch.dtype, *, tensor_parallel_size: int = 1
+) -> tuple[dict[str, Any], Qwen3Omni, Path | None]:
+    """(config, model in eval mode on ``device``/``dtype``, checkpoint dir or None for tiny).
+
+    With ``tensor_parallel_size > 1`` the Thinker's and the Talker's decoder stacks are not read:
+    their parameters stay on the meta device (see :mod:`mstar.parallel.rank0`)."""
     ckpt: Path | None = None
     if weights == TINY:
         cfg = TINY_CONFIG
-        state = tiny_state_dict("qwen3_omni", cfg, lambda: random_state_dict(cfg))
+        defer = deferred(tensor_parallel_size, lambda: backbone_specs(cfg, None))
+        state = tiny_state_dict("qwen3_omni", cfg, lambda: random_state_dict(cfg), exclude=defer)
     else:
         ckpt = resolve_checkpoint_dir(weights)
-        cfg, state = _read_checkpoint(ckpt, device, dtype)
+        cfg = _read_config(ckpt)
+        defer = deferred(tensor_parallel_size, lambda: backbone_specs(cfg, ckpt))
+        state = _read_tensors(ckpt, device, dtype, defer)
     with _params_on_meta():
         model = build_model(cfg, "cpu")
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = defer.unexpected_missing(missing)
     if missing or unexpected:
         raise WeightsError(
             f"checkpoint does not match Qwen3-Omni: {len(missing)} missing (e.g. {missing[:3]}), "
@@ -99,11 +118,36 @@ def load_model(weights: str, device: torch.device, dtype: torch.dtype) -> tuple[
         )
     # Rotary frequency tables stay float32 whatever the weights' dtype: bf16 would blur long positions.
     tables = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
-    model = model.to(device=device, dtype=dtype).eval()
+    model = defer.to(model, device=device, dtype=dtype).eval()
     for name, table in tables.items():
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = table.to(device)
     return cfg, model, ckpt
+
+
+def backbone_specs(cfg: dict[str, Any], ckpt: Path | None) -> list[BackboneSpec]:
+    """The tensor-parallel backbones: the Thinker's MoE text stack, and the Talker's when the model
+    speaks. Token and codec embeddings, heads, encoders, the code predictor and Code2Wav stay on
+    rank 0 (the runner applies them around these stacks)."""
+    files = (
+        (str(tiny_checkpoint_path("qwen3_omni", cfg)),)
+        if ckpt is None
+        else tuple(str(f) for f in sorted(ckpt.glob("*.safetensors")))
+    )
+    specs = [
+        BackboneSpec(
+            "mstar.models.qwen3_omni.model:ThinkerTextModel", cfg["thinker_config"]["text_config"], "forward_embeds",
+            files, prefix="thinker.model.language_model.", skip=("embed_tokens",),
+        )
+    ]
+    if cfg.get("enable_audio_output", True):
+        specs.append(
+            BackboneSpec(
+                "mstar.models.qwen3_omni.model:TalkerModel", cfg["talker_config"]["text_config"], "forward_embeds",
+                files, prefix="talker.model.", skip=("codec_embedding",),
+            )
+        )
+    return specs
 
 
 @contextmanager

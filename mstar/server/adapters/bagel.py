@@ -45,4 +45,7 @@ class BagelAdapter(OpenAIAdapter):
             return
         if not {"width", "height"} <= self.accepted_kwargs():
             raise InvalidParameterError(f"model {self.model!r} does not take a size", param="size")
+        both = sorted({"width", "height"} & set(kwargs))
+        if both:  # two answers to one question: neither may silently win
+            raise InvalidParameterError(f"give either 'size' or {' and '.join(map(repr, both))}, not both", param="size")
         kwargs["width"], kwargs["height"] = req.size

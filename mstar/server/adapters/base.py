@@ -20,11 +20,11 @@ from mstar.errors import (
     EmptyInputError,
     InvalidParameterError,
     InvalidRequestError,
-    MediaError,
     NotFoundError,
     UnknownParameterError,
     UnknownVoiceError,
 )
+from mstar.messages import check_content, media_ref
 from mstar.registry import get_model_info
 from mstar.server.openai_schema import ChatRequest, ImageEditRequest, ImageRequest, OpenAIRequest, SpeechRequest
 
@@ -103,6 +103,7 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
             continue
         if not isinstance(content, list):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content")
+        check_content(content, i)
         parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
@@ -121,17 +122,11 @@ def convert_messages(messages: list[dict[str, Any]], media: UploadScope) -> tupl
                 raise InvalidRequestError(
                     f"{where} has unsupported type {ptype!r}; supported: text, {', '.join(_MEDIA_PARTS)}", param=where
                 )
-            body = part.get(ptype)
-            if ptype == "input_image" and body is None:  # the Responses API's shape: {type, image_url: "<url>"}
-                body = part.get("image_url")
-            if ptype == "input_audio":
-                if not isinstance(body, dict) or not isinstance(body.get("data"), str):
-                    raise MediaError(f"{where}.input_audio must be {{data: base64, format}}", param=where)
-                fmt = body.get("format")
-                _, path = media.save_base64(body["data"], str(fmt) if fmt else None, expected="audio")
+            ref = media_ref(part, ptype, where)  # the rule /generate and the Engine read parts by
+            if ref.data is not None:
+                _, path = media.save_base64(ref.data, ref.format, expected=modality, name=where)
             else:
-                ref = body.get("url") if isinstance(body, dict) else body
-                _, path = media.resolve_ref(ref, expected=modality)
+                _, path = media.resolve_ref(ref.url, expected=modality, name=where)
             args.add_media(modality, path)
             parts.append({"type": modality})
         out.append({"role": role, "content": parts})
@@ -151,7 +146,6 @@ _UNSUPPORTED_MESSAGE_KEYS = {
     "audio": "a reference to an earlier audio answer is not supported; send the transcript as content",
     "refusal": "refusals are not accepted as input",
 }
-_PART_KEYS = {"image_url": ("url", "detail"), "video_url": ("url",), "audio_url": ("url",), "input_audio": ("data", "format")}
 
 
 def _check_message_keys(msg: dict[str, Any], i: int) -> None:
@@ -163,28 +157,12 @@ def _check_message_keys(msg: dict[str, Any], i: int) -> None:
 
 
 def _check_part_keys(part: dict[str, Any], ptype: str, where: str) -> None:
-    if ptype in ("text", "input_text"):
-        allowed = {"type", "text"}
-    elif ptype in _MEDIA_PARTS:
-        allowed = {"type", ptype} | ({"image_url", "detail"} if ptype == "input_image" else set())
-    else:
-        return  # an unknown type is refused by name by the caller
-    extra = sorted(k for k, v in part.items() if k not in allowed and v is not None)
+    # Media parts' keys are checked with their media (mstar/messages.py:media_ref); unknown types by the caller.
+    if ptype not in ("text", "input_text"):
+        return
+    extra = sorted(k for k, v in part.items() if k not in ("type", "text") and v is not None)
     if extra:
         raise InvalidParameterError(f"{where} has unknown key(s) {', '.join(map(repr, extra))}"[:300], param=f"{where}.{extra[0]}")
-    body = part.get(ptype)
-    keys = _PART_KEYS.get(ptype)
-    if isinstance(body, dict) and keys is not None:
-        unknown = sorted(k for k, v in body.items() if k not in keys and v is not None)
-        if unknown:
-            raise InvalidParameterError(
-                f"{where}.{ptype} has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(keys)}"[:300],
-                param=f"{where}.{ptype}.{unknown[0]}",
-            )
-        detail = body.get("detail")
-        if detail is not None and detail not in ("auto", "low", "high"):
-            raise InvalidParameterError(f"{where}.{ptype}.detail must be auto, low or high; got {detail!r}"[:200],
-                                        param=f"{where}.{ptype}.detail")
 
 
 def flatten_text(messages: list[dict[str, Any]]) -> str:
@@ -319,6 +297,12 @@ class OpenAIAdapter:
         unknown = set(req.extra) - accepted
         if unknown:
             raise UnknownParameterError(unknown, set(req.FIELDS) | accepted)
+        # Each pass-through value is checked now, by the model's own rule: a route that submits later
+        # (the speech WebSocket's session.config) refuses a bad one before any text arrives.
+        specs = self.engine.runner.params
+        for key, value in req.extra.items():
+            if key in specs:
+                specs[key].coerce(key, value)
         kwargs = dict(req.extra)
         for name, value in req.sampling.items():
             if value is None:

@@ -14,7 +14,7 @@ from mstar.protocol import check_request_id, parse_modalities
 from mstar.server.adapters import SubmitArgs
 from mstar.server.call import RouteCall, open_call
 from mstar.server.errors import error_chunk
-from mstar.server.fields import form_bool, refuse_unknown
+from mstar.server.fields import form_bool, json_kind, refuse_unknown
 from mstar.server.jsonio import loads_strict, read_json
 from mstar.server.message_media import place_message_media
 from mstar.server.multipart import FORM_TYPES, Upload, media_type, read_form
@@ -35,10 +35,20 @@ def health() -> dict[str, str]:
 
 @get("/ready", sync_to_thread=False)
 def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    """Readiness: 200 once the model is loaded, 503 while loading or after a failed load."""
-    holder = server_state(request).holder
+    """Readiness: 200 once the model is loaded and healthy; 503 while loading, after a failed load,
+    when the engine reports a problem (:meth:`mstar.Engine.health`), or while the server drains for shutdown."""
+    state = server_state(request)
+    holder = state.holder
+    if state.draining:
+        return Response({"status": "draining", "model": holder.info.name,
+                         "error": "the server is shutting down and takes no new requests"},
+                        status_code=503, headers={"Retry-After": "5"})
     if holder.ready:
-        return Response({"status": "ready", "model": holder.info.name})
+        problem = holder.engine.health()
+        if problem is None:
+            return Response({"status": "ready", "model": holder.info.name})
+        return Response({"status": "unhealthy", "model": holder.info.name, "error": problem},
+                        status_code=503, headers={"Retry-After": "5"})
     status = "failed" if holder.load_error is not None else "loading"
     body: dict[str, Any] = {"status": status, "model": holder.info.name}
     if holder.load_error is not None:
@@ -51,7 +61,7 @@ def _model_kwargs(raw: Any) -> dict[str, Any]:
         return {}
     value = loads_strict(raw, "model_kwargs", param="model_kwargs") if isinstance(raw, str) else raw
     if not isinstance(value, dict):
-        raise InvalidParameterError(f"model_kwargs must be a JSON object, got {type(value).__name__}", param="model_kwargs")
+        raise InvalidParameterError(f"model_kwargs must be a JSON object, got {json_kind(value)}", param="model_kwargs")
     return value
 
 
@@ -143,7 +153,7 @@ async def _read_fields(call: RouteCall) -> tuple[dict[str, Any], list[Upload]]:
             raise InvalidParameterError(f"{key} must be a string", param=key)
     if ctype == "application/json" and given.get("streaming") is not None and not isinstance(given["streaming"], bool):
         raise InvalidParameterError(f"streaming must be true or false, got {given['streaming']!r}"[:200], param="streaming")
-    if given.get("request_id"):
+    if given.get("request_id") is not None:  # "" too: an empty id is refused, not replaced
         check_request_id(given["request_id"])  # before anything runs: the id goes into a header and /cancel paths
     return given, files
 
@@ -169,12 +179,12 @@ async def generate(request: Request[Any, Any, Any]) -> Any:
             modality, path = call.uploads.save_upload(upload.filename, upload.data)
             args.add_media(modality, path)
         args.output_modalities = parse_modalities(
-            fields.get("output_modalities") or None, "output_modalities"
+            fields.get("output_modalities"), "output_modalities"
         ) or call.state.holder.info.default_outputs  # absent: what the model always produces
         extra: dict[str, Any] = {}
-        if fields.get("input_modalities"):
+        if fields.get("input_modalities") is not None:
             extra["input_modalities"] = parse_modalities(fields["input_modalities"], "input_modalities")
-        if fields.get("request_id"):
+        if fields.get("request_id") is not None:
             extra["request_id"] = fields["request_id"]
         if args.messages:  # OpenAI media parts (data URLs, input_audio, allowed remote URLs) saved like uploads
             info = call.state.holder.engine.info

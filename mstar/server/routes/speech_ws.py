@@ -60,6 +60,7 @@ from mstar.server.adapters import SubmitArgs
 from mstar.server.audio_encode import StreamingEncoder
 from mstar.server.call import check_api_key
 from mstar.server.errors import as_mstar_error
+from mstar.server.jsonio import loads_strict
 from mstar.server.media_io import UploadScope
 from mstar.server.openai_schema import parse_speech
 from mstar.server.state import ServerState, server_state
@@ -340,10 +341,8 @@ class _Session:
 
 
 def _parse_message(raw: str) -> dict[str, Any]:
-    try:
-        msg = json.loads(raw)
-    except ValueError:
-        raise InvalidRequestError("a message is not valid JSON") from None
+    # The one strict decoder of every JSON body: depth-limited, no NaN/Infinity, no lone surrogates.
+    msg = loads_strict(raw, "a message")
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise InvalidRequestError("a message must be a JSON object with a 'type' string", param="type")
     return msg
