@@ -14,15 +14,11 @@ import mstar
 from mstar.layers.attention import AttnBatch
 from mstar.parallel import ShardedKVCache
 from mstar.parallel.layers import ParallelLMHead
-from tests.helpers.parallel_load import Backbone, Reads, assert_rank0_read_only_its_slices, recording_reads
+from tests.helpers.parallel_load import Backbone, Reads, assert_rank0_read_only_its_slices, tiny_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 TEXT = "Hello there, general Kenobi"
-
-
-def _engine(tp: int) -> mstar.Engine:
-    return mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32", tensor_parallel_size=tp)
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +29,13 @@ def reads() -> dict[int, Reads]:
 
 @pytest.fixture(scope="module")
 def tp1(reads: dict[int, Reads]) -> Iterator[mstar.Engine]:
-    with recording_reads() as reads[1]:
-        engine = _engine(1)
-    with engine:
+    with tiny_engine("orpheus", 1, reads) as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
 def tp2(tp1: mstar.Engine, reads: dict[int, Reads]) -> Iterator[mstar.Engine]:
-    with recording_reads() as reads[2]:  # after TP 1, which wrote the tiny checkpoint if needed
-        engine = _engine(2)
-    with engine:
+    with tiny_engine("orpheus", 2, reads) as engine:  # after TP 1, which wrote the tiny checkpoint if needed
         pids = engine.runner.parallel.pids
         yield engine
     # Closing a healthy engine stops its workers: no process is left behind.

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mstar
-from tests.helpers.parallel_load import Backbone, Reads, assert_rank0_read_only_its_slices, recording_reads
+from tests.helpers.parallel_load import Backbone, Reads, assert_rank0_read_only_its_slices, tiny_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -27,10 +27,6 @@ GREEDY: dict[str, Any] = {
 }
 
 
-def _engine(tp: int) -> mstar.Engine:
-    return mstar.Engine("qwen3_omni", weights="tiny", device="cpu", dtype="float32", tensor_parallel_size=tp)
-
-
 @pytest.fixture(scope="module")
 def reads() -> dict[int, Reads]:
     """What rank 0 read from the checkpoint while building the engine of each size."""
@@ -39,17 +35,13 @@ def reads() -> dict[int, Reads]:
 
 @pytest.fixture(scope="module")
 def tp1(reads: dict[int, Reads]) -> Iterator[mstar.Engine]:
-    with recording_reads() as reads[1]:
-        engine = _engine(1)
-    with engine:
+    with tiny_engine("qwen3_omni", 1, reads) as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
 def tp2(tp1: mstar.Engine, reads: dict[int, Reads]) -> Iterator[mstar.Engine]:
-    with recording_reads() as reads[2]:  # after TP 1, which wrote the tiny checkpoint if needed
-        engine = _engine(2)
-    with engine:
+    with tiny_engine("qwen3_omni", 2, reads) as engine:  # after TP 1, which wrote the tiny checkpoint if needed
         yield engine
 
 

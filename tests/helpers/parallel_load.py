@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "Reads", "assert_rank0_read_only_its_slices", "recording_reads"]
+__all__ = ["Backbone", "Reads", "assert_rank0_read_only_its_slices", "recording_reads", "tiny_engine"]
 
 
 @dataclass
@@ -145,3 +145,15 @@ def assert_rank0_read_only_its_slices(tp1_reads: Reads, tp2_reads: Reads, backbo
             assert got and "whole" not in got, f"rank 0 read {key}: {got}"
             local = tuple(params[n].shape)
             assert all(int(torch.Size(s).numel()) <= int(torch.Size(local).numel()) for s in got), (key, got, local)
+
+
+@contextlib.contextmanager
+def tiny_engine(model: str, tp: int, reads: dict[int, Reads]) -> Iterator[Any]:
+    """A tiny fp32 CPU Engine of ``model`` at tensor-parallel ``tp``, closed after the block; what
+    rank 0 read from the checkpoint while building it is recorded in ``reads[tp]``."""
+    import mstar
+
+    with recording_reads() as reads[tp]:
+        engine = mstar.Engine(model, weights="tiny", device="cpu", dtype="float32", tensor_parallel_size=tp)
+    with engine:
+        yield engine
