@@ -10,7 +10,7 @@ import queue
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ from mstar.media import MediaArg, normalize_media, with_limits
 from mstar.media_limits import DEFAULT_LIMITS, MediaLimits
 from mstar.messages import inline_media, place_media
 from mstar.models.base import ModelRunner
+from mstar.models.params import Param
 from mstar.protocol import check_request_id, check_seed, check_timeout, parse_modalities
 from mstar.registry import ModelInfo, get_model_info, load_runner_class
 from mstar.request import Request, RequestInputs
@@ -237,6 +238,11 @@ class Engine(GenerateSugar[EventStream]):
         if self._closed:
             return "the engine is closed"
         return self.runner.health()
+
+    @property
+    def params(self) -> Mapping[str, Param]:
+        """The model's declared ``model_kwargs`` rules by name (type, default, range; ``coerce`` checks one)."""
+        return self.runner.params
 
     def accepted_kwargs(self) -> list[str]:
         """The model_kwargs keys this model accepts (names only; :meth:`describe` has types and ranges)."""

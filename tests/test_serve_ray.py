@@ -169,6 +169,24 @@ def test_concurrent_requests_are_served_by_both_replicas_through_the_same_routes
 
 
 @on_cluster
+def test_the_openai_speech_route_answers_a_whole_wav_through_a_replica(cluster: Cluster) -> None:
+    import io
+    import wave
+
+    body = {"model": "orpheus", "input": "Hello there", "voice": "tara", "response_format": "wav",
+            "max_output_tokens": 28}
+    resp = requests.post(f"{cluster.base}/v1/audio/speech", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers[REPLICA_HEADER] in cluster.replicas()
+    with wave.open(io.BytesIO(resp.content)) as wav:  # the header's sizes are the data's
+        assert wav.getnframes() > 0 and wav.getnframes() * wav.getsampwidth() == len(resp.content) - 44
+    # A pass-through kwarg is checked by the model's own rule at the ingress, before any replica runs.
+    bad = requests.post(f"{cluster.base}/v1/audio/speech", json={**body, "top_p": "high"}, timeout=30)
+    assert bad.status_code == 400 and "top_p" in bad.text
+    cluster.idle()
+
+
+@on_cluster
 def test_bad_input_is_refused_by_the_replica_with_the_engines_typed_error(cluster: Cluster) -> None:
     resp = requests.post(f"{cluster.base}/generate", json={"text": "hi", "model_kwargs": {"bogus": 1}}, timeout=30)
     assert resp.status_code == 400

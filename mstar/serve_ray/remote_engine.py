@@ -40,14 +40,18 @@ from mstar.errors import (
     ServiceError,
 )
 from mstar.protocol import check_request_id
-from mstar.registry import ModelInfo, get_model_info
+from mstar.registry import ModelInfo, get_model_info, load_runner_class
 from mstar.request import EventQueue
 from mstar.scheduler import EarlyCancels
 from mstar.serve_ray.wire import CANCEL_FIRST, error_from_wire, parse_line, request_to_wire
 from mstar.types import ErrorChunk, Event, Finished, GenerateResult, event_from_wire
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+    from mstar.models.params import Param
 
 __all__ = ["RemoteEngine", "RemoteEventStream", "ReplicaReport"]
 
@@ -249,6 +253,12 @@ class RemoteEngine(GenerateSugar[RemoteEventStream]):
             return "no replica has reported ready yet"
         states = "; ".join(f"{r.replica}: {r.health or 'no report for %.0f s' % (now - r.received)}" for r in reports)
         return f"no replica is ready ({states})"
+
+    @property
+    def params(self) -> Mapping[str, Param]:
+        """The family's declared ``model_kwargs`` rules (the runner class's, read without weights):
+        the OpenAI adapters check pass-through values with them before a request leaves the ingress."""
+        return load_runner_class(self.info.name).params
 
     def accepted_kwargs(self) -> list[str]:
         report = self._any_report()

@@ -259,7 +259,7 @@ class OpenAIAdapter:
         info = get_model_info(self.model)
         if info.voices:
             return list(info.voices)
-        spec = self.engine.runner.params.get(self.voice_key)
+        spec = self.engine.params.get(self.voice_key)
         if spec is not None and spec.choices:
             return [str(v) for v in spec.choices]
         return list(self.voices)
@@ -268,7 +268,7 @@ class OpenAIAdapter:
         info = get_model_info(self.model)
         if info.default_voice is not None:
             return info.default_voice
-        spec = self.engine.runner.params.get(self.voice_key)
+        spec = self.engine.params.get(self.voice_key)
         if spec is not None and spec.default is not None:
             return str(spec.default)
         return self.default_voice
@@ -299,7 +299,7 @@ class OpenAIAdapter:
             raise UnknownParameterError(unknown, set(req.FIELDS) | accepted)
         # Each pass-through value is checked now, by the model's own rule: a route that submits later
         # (the speech WebSocket's session.config) refuses a bad one before any text arrives.
-        specs = self.engine.runner.params
+        specs = self.engine.params
         for key, value in req.extra.items():
             if key in specs:
                 specs[key].coerce(key, value)
