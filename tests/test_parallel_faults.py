@@ -17,6 +17,7 @@ import requests
 import mstar
 from mstar.errors import WorkerFailedError
 from mstar.server import create_app
+from tests.helpers.parallel_load import process_gone
 from tests.helpers.servers import ServerThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -24,14 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 def _engine() -> mstar.Engine:
     return mstar.Engine("orpheus", weights="tiny", device="cpu", dtype="float32", tensor_parallel_size=2)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @dataclass
@@ -64,7 +57,7 @@ def killed() -> Iterator[Killed]:
     finally:
         engine.close()
     # Closing a failed engine leaves no worker process behind.
-    assert all(_gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     assert engine.health() == "the engine is closed"
 
 
@@ -104,6 +97,6 @@ def test_worker_failing_a_step_fails_its_requests_and_close_leaves_no_process() 
     finally:
         engine.close()
     deadline = time.monotonic() + 10
-    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+    while not all(process_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(_gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)

@@ -3,7 +3,6 @@ tokens and logits (within 1e-4) as one rank, and seeded sampling that reproduces
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,7 +13,13 @@ import mstar
 from mstar.layers.attention import AttnBatch
 from mstar.parallel import ShardedKVCache
 from mstar.parallel.layers import ParallelLMHead
-from tests.helpers.parallel_load import Backbone, Reads, assert_rank0_read_only_its_slices, tiny_engine
+from tests.helpers.parallel_load import (
+    Backbone,
+    Reads,
+    assert_rank0_read_only_its_slices,
+    process_gone,
+    tiny_engine,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -39,15 +44,7 @@ def tp2(tp1: mstar.Engine, reads: dict[int, Reads]) -> Iterator[mstar.Engine]:
         pids = engine.runner.parallel.pids
         yield engine
     # Closing a healthy engine stops its workers: no process is left behind.
-    assert pids and all(_gone(pid) for pid in pids)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    assert pids and all(process_gone(pid) for pid in pids)
 
 
 def _greedy_logits(engine: mstar.Engine) -> tuple[list[torch.Tensor], np.ndarray]:

@@ -11,6 +11,7 @@ against the TP 1 build of the same model (which must read the same names whole: 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "Reads", "assert_rank0_read_only_its_slices", "recording_reads", "tiny_engine"]
+__all__ = ["Backbone", "Reads", "assert_rank0_read_only_its_slices", "process_gone", "recording_reads", "tiny_engine"]
 
 
 @dataclass
@@ -157,3 +158,12 @@ def tiny_engine(model: str, tp: int, reads: dict[int, Reads]) -> Iterator[Any]:
         engine = mstar.Engine(model, weights="tiny", device="cpu", dtype="float32", tensor_parallel_size=tp)
     with engine:
         yield engine
+
+
+def process_gone(pid: int) -> bool:
+    """True once no process has ``pid`` (a worker that was stopped, or reaped after a kill)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
